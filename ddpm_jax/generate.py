@@ -1,0 +1,106 @@
+"""Sampling sharded over the local devices (used by --mode=sample and by training grids)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import image_utils, sampling
+from ddpm_jax.train import AXIS, make_model_fn
+
+
+def make_p_sample(model, diffusion, config, per_device_batch: int):
+  """pmap-ed sampler: (params [D...], key [D, 2]) -> images [D, b, H, W, C] in [-1, 1].
+
+  One sampler call walks all steps of ``diffusion`` in a single lax.scan.
+  """
+  s = config.sampling
+  shape = (per_device_batch, config.data.image_size, config.data.image_size, config.data.channels)
+
+  def sample(params, key):
+    key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+    model_fn = make_model_fn(model, params, train=False)
+    if s.sampler == "ddim":
+      return sampling.ddim_sample_loop(diffusion, model_fn, shape, key, eta=s.eta,
+                                       clip_denoised=s.clip_denoised)
+    return sampling.ancestral_sample_loop(diffusion, model_fn, shape, key,
+                                          clip_denoised=s.clip_denoised)
+
+  return jax.pmap(sample, axis_name=AXIS)
+
+
+def generate(p_sample, replicated_params, num_samples: int, per_call: int, seed: int,
+             first_call: int = 0, log_progress: bool = True) -> np.ndarray:
+  """Draws ``num_samples`` images as uint8 [N, H, W, C], ``per_call`` per pmap call.
+
+  Call i uses key fold_in(PRNGKey(seed), i) (one key per device inside), so the
+  images do not depend on how many are drawn in total.
+  """
+  d = jax.local_device_count()
+  out = []
+  calls = -(-num_samples // per_call)
+  start = time.time()
+  for i in range(first_call, first_call + calls):
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+    keys = jnp.broadcast_to(key, (d,) + key.shape)
+    imgs = p_sample(replicated_params, keys)
+    imgs = np.asarray(jax.device_get(imgs)).reshape((-1,) + imgs.shape[2:])
+    out.append(image_utils.to_uint8(imgs))
+    if log_progress:
+      done = (i - first_call + 1) * per_call
+      rate = done / (time.time() - start)
+      logging.info("sampled %d/%d images (%.2f images/s, ETA %.0f s)", min(done, num_samples),
+                   num_samples, rate, max(num_samples - done, 0) / rate)
+  return np.concatenate(out)[:num_samples]
+
+
+def write_samples(directory: str, images: np.ndarray, tag: str) -> tuple[str, str]:
+  """Writes samples_{tag}.npz (key 'images', uint8 NHWC) and grid_{tag}.png."""
+  os.makedirs(directory, exist_ok=True)
+  npz = os.path.join(directory, f"samples_{tag}.npz")
+  png = os.path.join(directory, f"grid_{tag}.png")
+  np.savez(npz, images=images)
+  image_utils.save_grid(png, images[:256])
+  return npz, png
+
+
+def run_sample(config, workdir: str) -> str:
+  """--mode=sample: EMA params of a checkpoint -> workdir/samples/samples_*.npz and grid_*.png.
+
+  Returns the path of the .npz file (key 'images': uint8 [N, H, W, C]).
+  """
+  from ddpm_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+  model = train.build_model(config)
+  target = jax.eval_shape(functools.partial(train.init_params, model, config), jax.random.PRNGKey(0))
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  params, step = checkpoint.restore_ema_params(manager, target, config,
+                                               step=config.sampling.checkpoint_step)
+  diffusion = train.build_sampling_diffusion(config)
+  s = config.sampling
+  d = jax.local_device_count()
+  per_call = s.batch_size
+  logging.info("Sampling %d images from the EMA parameters of step %d: %s sampler, %d steps, "
+               "%d per call over %d devices", s.num_samples, step, s.sampler,
+               diffusion.num_timesteps, per_call, d)
+  p_sample = make_p_sample(model, diffusion, config, per_call // d)
+  start = time.time()
+  # Each process draws its own share with its own calls (call index offset by process).
+  num_local = -(-s.num_samples // jax.process_count())
+  calls_per_process = -(-num_local // per_call)
+  images = generate(p_sample, train.replicate(params), num_local, per_call, s.seed,
+                    first_call=jax.process_index() * calls_per_process)
+  elapsed = time.time() - start
+  logging.info("%d images in %.1f s (%.2f images/s, compilation included)", len(images), elapsed,
+               len(images) / elapsed)
+  tag = f"step{step}_{s.sampler}{diffusion.num_timesteps}"
+  if jax.process_count() > 1:
+    tag += f"_process{jax.process_index()}"
+  npz, png = write_samples(os.path.join(workdir, "samples"), images, tag)
+  logging.info("Wrote %s and %s", npz, png)
+  return npz
