@@ -25,6 +25,10 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "eval_bpd", "eval_fid"],
                   "parameters; eval_bpd / eval_fid: evaluate.")
 flags.DEFINE_integer("cpu_devices", 0, "On a CPU host, how many JAX devices to split the batch "
                      "over (0: one per core). Ignored on GPU/TPU.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detection: host:port "
+                    "of process 0 (then also --num_processes and --process_id).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,8 +37,12 @@ def _setup_devices(config) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices or os.cpu_count() or 1)
-  if config.distributed.initialize:
-    jax.distributed.initialize()
+  if config.distributed.initialize or FLAGS.coordinator_address:
+    if FLAGS.coordinator_address:  # e.g. several CPU processes on one machine
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # On TPU pods and SLURM/Kubernetes GPU clusters the arguments are auto-detected.
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
 def _run(config, workdir: str, mode: str) -> None:

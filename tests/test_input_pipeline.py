@@ -226,28 +226,6 @@ def test_eval_iterator_counts_every_example_once():
 # ------------------------------------------------------------------ TFDS --
 
 
-@pytest.fixture(scope='module')
-def cifar_metadata_dir(tmp_path_factory):
-  """A data_dir holding only cifar10's metadata (train: 40, test: 20)."""
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.core import naming
-  from tensorflow_datasets.core import splits as splits_lib
-  data_dir = str(tmp_path_factory.mktemp('tfds_meta'))
-  builder = tfds.builder('cifar10', data_dir=data_dir)
-  template = naming.ShardedFileTemplate(
-      data_dir=builder.data_path, dataset_name='cifar10',
-      filetype_suffix='tfrecord')
-  builder.info.set_splits(splits_lib.SplitDict([
-      splits_lib.SplitInfo(name='train', shard_lengths=[40], num_bytes=0,
-                           filename_template=template),
-      splits_lib.SplitInfo(name='test', shard_lengths=[20], num_bytes=0,
-                           filename_template=template),
-  ]))
-  os.makedirs(builder.data_path, exist_ok=True)
-  builder.info.write_to_directory(builder.data_path)
-  return data_dir
-
-
 def cifar_config(**overrides):
   kwargs = dict(dataset='cifar10', image_size=32, channels=3,
                 data_dir='/nonexistent')

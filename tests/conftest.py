@@ -1,0 +1,38 @@
+"""Eight CPU devices for every test process, set before JAX creates its backend.
+
+Tests that need one device pass ``devices=jax.local_devices()[:1]``.
+"""
+
+import os
+
+import jax
+import pytest
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  jax.config.update("jax_num_cpu_devices", 8)
+# Subprocesses started by tests find the package without an install.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
+@pytest.fixture(scope="session")
+def cifar_metadata_dir(tmp_path_factory):
+  """A data_dir holding only the metadata of cifar10 (train: 40, test: 20)."""
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core import naming
+  from tensorflow_datasets.core import splits as splits_lib
+  data_dir = str(tmp_path_factory.mktemp("tfds_meta"))
+  builder = tfds.builder("cifar10", data_dir=data_dir)
+  template = naming.ShardedFileTemplate(
+      data_dir=builder.data_path, dataset_name="cifar10",
+      filetype_suffix="tfrecord")
+  builder.info.set_splits(splits_lib.SplitDict([
+      splits_lib.SplitInfo(name="train", shard_lengths=[40], num_bytes=0,
+                           filename_template=template),
+      splits_lib.SplitInfo(name="test", shard_lengths=[20], num_bytes=0,
+                           filename_template=template),
+  ]))
+  os.makedirs(builder.data_path, exist_ok=True)
+  builder.info.write_to_directory(builder.data_path)
+  return data_dir

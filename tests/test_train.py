@@ -1,0 +1,195 @@
+"""The training program: device-count independence, EMA, warm-up, clipping, resume, sampling."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import test as test_config
+from ddpm_jax import checkpoint, input_pipeline, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_steps(config, devices, num_steps):
+  """Runs the real pmap step on ``devices``; returns the host states after each step."""
+  model = train.build_model(config)
+  diffusion = train.build_diffusion(config)
+  tx = train.create_optimizer(config.optim)
+  state = train.create_train_state(config, model, tx)
+  p_state = train.replicate(state, devices)
+  p_step = train.make_p_train_step(model, diffusion, tx, config, devices=devices)
+  images = input_pipeline.load_split_array(config.data, "train")
+  states, metrics = [jax.device_get(state)], []
+  for s in range(num_steps):
+    batch = input_pipeline.get_local_batch(images, s, config.training.batch_size,
+                                           config.data.shuffle_seed, config.data.random_flip,
+                                           0, 1, len(devices))[:, None]
+    batch = next(input_pipeline.prefetch_to_device(iter([batch]), 1, devices))
+    p_state, m = p_step(p_state, batch)
+    states.append(train.unreplicate(p_state))
+    metrics.append(jax.device_get(jax.tree.map(lambda x: x[0, 0], m)))
+  return states, metrics
+
+
+def assert_trees_close(a, b, rtol, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_trajectory_does_not_depend_on_device_count_or_micro_batches():
+  config = test_config.get_config()
+  assert len(jax.local_devices()) >= 8
+  one, m1 = run_steps(config, jax.local_devices()[:1], 3)
+  eight, m8 = run_steps(config, jax.local_devices()[:8], 3)
+  config.training.grad_accum_steps = 4
+  accum, _ = run_steps(config, jax.local_devices()[:1], 3)
+  # Summation order differs, so float32 rounding does; Adam's m/sqrt(v) turns that into
+  # update differences for near-zero gradients. 1e-5 is 1% of one step (lr 1e-3).
+  for ref, other in ((one, eight), (one, accum)):
+    assert_trees_close(ref[-1].params, other[-1].params, rtol=1e-4, atol=1e-5)
+    assert_trees_close(ref[-1].ema_params, other[-1].ema_params, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-5)
+  # The runs did move: the comparison is not between untouched parameters.
+  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+              for a, b in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(one[-1].params)))
+  assert moved > 1e-4
+
+
+def test_ema_warmup_and_first_step():
+  config = test_config.get_config()
+  states, metrics = run_steps(config, jax.local_devices()[:2], 3)
+  d = config.optim.ema_decay
+  # Paper's warm-up: lr * min(step / warmup, 1) is 0 at the first step, so params stay put.
+  assert_trees_close(states[1].params, states[0].params, rtol=0, atol=0)
+  np.testing.assert_allclose([m["lr"] for m in metrics],
+                             [0.0, config.optim.lr / 2, config.optim.lr], rtol=1e-6)
+  for k in (1, 2, 3):
+    want = jax.tree.map(lambda e, p: d * np.asarray(e, np.float64) + (1 - d) * np.asarray(p, np.float64),
+                        states[k - 1].ema_params, states[k].params)
+    assert_trees_close(states[k].ema_params, want, rtol=1e-6, atol=1e-7)
+  assert [int(s.step) for s in states] == [0, 1, 2, 3]
+
+
+def test_optimizer_is_adam_with_warmup_and_global_norm_clipping():
+  config = test_config.get_config()
+  config.optim.eps = 1.0  # makes Adam's update depend on the gradient's scale
+  config.optim.warmup_steps = 4
+  tx = train.create_optimizer(config.optim)
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+  grads = {"w": jnp.array([30.0, -40.0, 0.0]), "b": jnp.array([0.0, 0.0])}  # global norm 50
+  ref = optax.adam(1.0, b1=config.optim.beta1, b2=config.optim.beta2, eps=1.0)
+  state, ref_state = tx.init(params), ref.init(params)
+  for step in range(6):
+    upd, state = tx.update(grads, state, params)
+    clipped = jax.tree.map(lambda g: g * (config.optim.grad_clip / 50.0), grads)
+    ref_upd, ref_state = ref.update(clipped, ref_state, params)
+    lr = config.optim.lr * min(step / 4, 1.0)
+    assert_trees_close(upd, jax.tree.map(lambda u: u * lr, ref_upd), rtol=1e-6, atol=1e-12)
+
+
+def _main(*args, env=None, timeout=600):
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "configs/test.py"),
+         *args]
+  e = dict(os.environ)
+  e.update(env or {})
+  return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def _final_state(workdir, config=None):
+  config = config or test_config.get_config()
+  model = train.build_model(config)
+  tx = train.create_optimizer(config.optim)
+  target = train.create_train_state(config, model, tx)
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  return checkpoint.restore_train_state(manager, target, config)
+
+
+def assert_states_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path):
+  two_dev = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  r = _main(f"--workdir={full}", "--config.training.num_train_steps=4", env=two_dev)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = _main(f"--workdir={part}", "--config.training.num_train_steps=2", env=two_dev)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = _main(f"--workdir={part}", "--config.training.num_train_steps=4", env=two_dev)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resumed from the checkpoint at step 2" in r.stderr
+  a, b = _final_state(full), _final_state(part)
+  assert int(a.step) == int(b.step) == 4
+  assert_states_equal(a, b)
+  # The console shows progress and TensorBoard events are written.
+  assert "steps/s" in r.stderr and "images/s" in r.stderr and "ETA" in r.stderr
+  assert glob.glob(os.path.join(part, "events.out.tfevents.*"))
+
+  # --mode=sample writes the documented files from the EMA parameters.
+  r = _main(f"--workdir={full}", "--mode=sample", "--config.sampling.num_samples=6",
+            "--config.sampling.batch_size=4", env=two_dev)
+  assert r.returncode == 0, r.stderr[-3000:]
+  npz = glob.glob(os.path.join(full, "samples", "samples_step4_*.npz"))
+  png = glob.glob(os.path.join(full, "samples", "grid_step4_*.png"))
+  assert len(npz) == 1 and len(png) == 1
+  images = np.load(npz[0])["images"]
+  assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
+  assert images.std() > 0
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  single = str(tmp_path / "single")
+  multi = str(tmp_path / "multi")
+  args = ["--config.training.num_train_steps=3", "--config.training.checkpoint_every_steps=3"]
+  r = _main(f"--workdir={single}", *args,
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  cmd = lambda i: [sys.executable, os.path.join(ROOT, "main.py"), "--config",
+                   os.path.join(ROOT, "configs/test.py"), f"--workdir={multi}", *args,
+                   f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "2 processes, 4 devices" in outs[0][1]
+  a, b = _final_state(single), _final_state(multi)
+  assert int(b.step) == 3
+  assert_trees_close(a.params, b.params, rtol=1e-4, atol=1e-5)
+  assert_trees_close(a.ema_params, b.ema_params, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cifar10_config_runs_two_steps_on_mock_data(tmp_path, cifar_metadata_dir):
+  """The paper's config and its real TFDS pipeline, on tfds.testing.mock_data."""
+  import tensorflow_datasets as tfds
+  from configs import cifar10
+  config = cifar10.get_config()
+  config.training.batch_size = 8
+  config.training.num_train_steps = 2
+  config.training.log_every_steps = 1
+  config.training.checkpoint_every_steps = 2
+  config.training.sample_every_steps = 0
+  config.data.data_dir = cifar_metadata_dir
+  with tfds.testing.mock_data(num_examples=16, data_dir=cifar_metadata_dir,
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2
+  n = sum(x.size for x in jax.tree.leaves(state.params))
+  assert n == 35_746_307
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+  assert _final_state(str(tmp_path), config).step == 2
