@@ -1,0 +1,368 @@
+"""Evaluation modes (bits/dim, FID/IS) and the paper's figures, on the tiny digits config."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import test as test_config
+from ddpm_jax import checkpoint, digits_classifier, evaluate, figures, input_pipeline, metrics
+from ddpm_jax import schedules, train
+from ddpm_jax.diffusion import GaussianDiffusion
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = 3
+
+
+def small_config():
+  config = test_config.get_config()  # digits 8x8, T = 100, a two-level U-Net
+  config.eval.batch_size = 8
+  config.eval.num_examples = 20  # 3 batches, the last one half padding
+  config.sampling.batch_size = 32
+  config.eval.num_fid_samples = 64
+  return config
+
+
+def write_checkpoint(workdir, config):
+  """A checkpoint at STEP whose EMA parameters are the init plus noise (no training needed)."""
+  model = train.build_model(config)
+  tx = train.create_optimizer(config.optim)
+  state = jax.device_get(train.create_train_state(config, model, tx))
+  rng = np.random.default_rng(0)
+  ema = jax.tree.map(lambda p: np.asarray(p) + 0.02 * rng.standard_normal(p.shape).astype(p.dtype),
+                     state.ema_params)
+  state = state.replace(ema_params=ema, step=np.int32(STEP))
+  manager = checkpoint.create_manager(workdir)
+  checkpoint.save(manager, state, config)
+  manager.wait_until_finished()
+  return ema
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = small_config()
+  ema = write_checkpoint(workdir, config)
+  return workdir, config, ema
+
+
+def fresh_workdir(tmp_path, trained):
+  """A new workdir holding a copy of the module's checkpoint."""
+  src, _, _ = trained
+  dst = str(tmp_path / "run")
+  shutil.copytree(os.path.join(src, "checkpoints"), os.path.join(dst, "checkpoints"))
+  return dst
+
+
+# ----------------------------------------------------------------------------
+# bits/dim
+# ----------------------------------------------------------------------------
+
+def test_eval_bpd_writes_the_bound_and_matches_calc_bpd_loop(tmp_path, trained):
+  _, config, ema = trained
+  workdir = fresh_workdir(tmp_path, trained)
+  result = evaluate.run_eval_bpd(config, workdir)
+  T = config.diffusion.num_timesteps
+  n = config.eval.num_examples
+
+  with open(os.path.join(workdir, "eval", f"bpd_step{STEP}.json")) as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(result))
+  for key in ("step", "num_examples", "total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd",
+              "num_timesteps", "resumed_from_batch", "batches_computed", "split"):
+    assert key in written, key
+  assert written["step"] == STEP and written["num_examples"] == n
+  assert written["resumed_from_batch"] == 0 and written["batches_computed"] == 3
+  assert np.isfinite(written["total_bpd"]) and written["total_bpd"] > 0
+  assert not os.path.exists(os.path.join(workdir, "eval", f"bpd_step{STEP}_partial.npz"))
+
+  with np.load(os.path.join(workdir, "eval", f"bpd_step{STEP}_terms.npz")) as z:
+    terms = {k: z[k] for k in z.files}
+  for key in ("terms_bpd", "xstart_mse", "rate_bpd", "distortion_rmse"):
+    assert terms[key].shape == (T,), key
+    assert np.all(np.isfinite(terms[key])), key
+  np.testing.assert_array_equal(terms["example_index"], np.arange(n))
+  # Numpy recomputation of the summary from its parts.
+  tot = terms["example_total_bpd"]
+  np.testing.assert_allclose(tot, terms["example_prior_bpd"] + terms["example_decoder_bpd"]
+                             + terms["example_kl_bpd"], rtol=1e-5)
+  np.testing.assert_allclose(written["total_bpd"], tot.mean(), rtol=1e-12)
+  np.testing.assert_allclose(written["total_bpd"], terms["terms_bpd"].sum() + written["prior_bpd"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(written["decoder_bpd"], terms["terms_bpd"][0], rtol=1e-6)
+  np.testing.assert_allclose(terms["rate_bpd"][-1], written["prior_bpd"], rtol=1e-6)
+
+  # Independent computation: calc_bpd_loop on single examples with the documented keys,
+  # including example 19, which sat in the padded last batch.
+  model = train.build_model(config)
+  diffusion = train.build_diffusion(config)
+  images = input_pipeline.scale_images(
+      input_pipeline.load_split_array(config.data, config.data.eval_split)[:n])
+
+  @jax.jit
+  def direct(x, key):
+    model_fn = train.make_model_fn(model, ema, train=False)
+    return diffusion.calc_bpd_loop(model_fn, x, key, clip_denoised=True)
+
+  for i in (0, 9, 19):
+    out = jax.device_get(direct(images[i:i + 1], evaluate.example_bpd_key(0, i)))
+    np.testing.assert_allclose(tot[i], out["total_bpd"][0], rtol=2e-5)
+    np.testing.assert_allclose(terms["example_decoder_bpd"][i], out["terms_bpd"][0, 0], rtol=2e-5)
+    np.testing.assert_allclose(terms["example_prior_bpd"][i], out["prior_bpd"][0], rtol=2e-5)
+
+  # The numbers do not depend on the batch size (keys are per example).
+  config2 = small_config()
+  config2.eval.batch_size = 16
+  again = evaluate.run_eval_bpd(config2, workdir)
+  assert again["num_batches"] == 2
+  with np.load(os.path.join(workdir, "eval", f"bpd_step{STEP}_terms.npz")) as z:
+    np.testing.assert_allclose(z["example_total_bpd"], tot, rtol=2e-5)
+
+
+_CHILD = """
+import sys
+import jax
+from absl import logging
+logging.set_verbosity(logging.INFO)
+sys.path.insert(0, {root!r})
+from tests import test_evaluate
+from ddpm_jax import evaluate
+config = test_evaluate.small_config()
+config.eval.num_examples = {n}
+evaluate.run_eval_bpd(config, {workdir!r})
+"""
+
+
+def test_eval_bpd_resumes_after_sigkill(tmp_path, trained):
+  _, config, _ = trained
+  workdir = fresh_workdir(tmp_path, trained)
+  n = 96  # 12 batches of 8
+  config.eval.num_examples = n
+  partial = os.path.join(workdir, "eval", f"bpd_step{STEP}_partial.npz")
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                      f" --xla_force_host_platform_device_count={jax.local_device_count()}")
+  proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT, n=n, workdir=workdir)],
+                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  done_at_kill = None
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(partial):
+        try:
+          with np.load(partial) as z:
+            done_at_kill = int(z["next_batch"])
+        except Exception:  # pylint: disable=broad-except
+          done_at_kill = None
+        if done_at_kill and done_at_kill >= 1:
+          proc.send_signal(signal.SIGKILL)
+          break
+      time.sleep(0.02)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    _, err = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, err.decode()[-3000:]
+  with np.load(partial) as z:
+    done = int(z["next_batch"])
+  assert 1 <= done < 12, done
+  assert not os.path.exists(os.path.join(workdir, "eval", f"bpd_step{STEP}.json"))
+
+  resumed = evaluate.run_eval_bpd(config, workdir)
+  assert resumed["resumed_from_batch"] == done
+  assert resumed["batches_computed"] == 12 - done
+  assert resumed["num_examples"] == n
+  assert not os.path.exists(partial)
+  with np.load(os.path.join(workdir, "eval", f"bpd_step{STEP}_terms.npz")) as z:
+    resumed_terms = {k: z[k] for k in z.files}
+
+  fresh = evaluate.run_eval_bpd(config, workdir)  # uninterrupted (the partial is gone)
+  assert fresh["resumed_from_batch"] == 0 and fresh["batches_computed"] == 12
+  for key in ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd"):
+    np.testing.assert_allclose(resumed[key], fresh[key], rtol=1e-6, err_msg=key)
+  with np.load(os.path.join(workdir, "eval", f"bpd_step{STEP}_terms.npz")) as z:
+    np.testing.assert_array_equal(z["example_index"], resumed_terms["example_index"])
+    np.testing.assert_allclose(z["example_total_bpd"], resumed_terms["example_total_bpd"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(z["terms_bpd"], resumed_terms["terms_bpd"], rtol=1e-6)
+
+
+def test_eval_bpd_without_checkpoint_is_a_clear_file_not_found(tmp_path):
+  with pytest.raises(FileNotFoundError, match="checkpoint"):
+    evaluate.run_eval_bpd(small_config(), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# FID / IS
+# ----------------------------------------------------------------------------
+
+def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path, trained):
+  _, config, _ = trained
+  workdir = fresh_workdir(tmp_path, trained)
+  # A chunk left by an interrupted run (call 0, 32 images): it must be used, not redrawn.
+  tag = f"step{STEP}_ancestral{config.diffusion.num_timesteps}"
+  chunk_dir = os.path.join(workdir, "eval",
+                           f"fid_chunks_{tag}_seed{config.sampling.seed}_bs{config.sampling.batch_size}")
+  os.makedirs(chunk_dir)
+  sentinel = np.full((32, 8, 8, 1), 77, np.uint8)
+  np.savez(os.path.join(chunk_dir, "call_000000.npz"), images=sentinel)
+
+  first = evaluate.run_eval_fid(config, workdir)
+  path = os.path.join(workdir, "eval", f"fid_step{STEP}.json")
+  with open(path) as f:
+    written = json.load(f)
+  for key in ("fid_train", "fid_test", "is_mean", "is_std", "num_samples", "extractor", "step"):
+    assert key in written, key
+  assert written["num_samples"] == 64 and written["extractor"] == "digits_mlp"
+  for key in ("fid_train", "fid_test", "is_mean", "is_std"):
+    assert np.isfinite(written[key]), key
+  assert written["fid_train"] > 0 and 1.0 <= written["is_mean"] <= 10.0
+  assert sorted(written["reference_stats_computed"]) == ["test", "train"]
+  assert written["samples_reused"] is False
+  with np.load(written["samples_file"]) as z:
+    samples = z["images"]
+  assert samples.shape == (64, 8, 8, 1) and samples.dtype == np.uint8
+  np.testing.assert_array_equal(samples[:32], sentinel)  # the chunk was resumed
+  assert not np.all(samples[32:] == 77)
+  assert not os.path.exists(chunk_dir)  # cleaned up once complete
+  # The JSON numbers are the metrics of those samples against the written statistics.
+  feats = digits_classifier.features(samples)
+  mu, sigma = metrics.feature_statistics(feats)
+  np.testing.assert_allclose(
+      written["fid_train"],
+      metrics.frechet_distance(mu, sigma, *metrics.load_statistics(
+          written["reference_stats"]["train"])), rtol=1e-6)
+  np.testing.assert_allclose(
+      written["is_mean"], metrics.inception_score(digits_classifier.probs(samples), 10)[0],
+      rtol=1e-6)
+
+  stats = [written["reference_stats"][s] for s in ("train", "test")]
+  mtimes = [os.stat(p).st_mtime_ns for p in stats]
+  second = evaluate.run_eval_fid(config, workdir)
+  assert second["reference_stats_computed"] == []
+  assert second["samples_reused"] is True and second["samples_file"] == written["samples_file"]
+  assert [os.stat(p).st_mtime_ns for p in stats] == mtimes
+  np.testing.assert_allclose(second["fid_train"], first["fid_train"], rtol=1e-9)
+
+
+def test_fid_of_real_heldout_digits_is_far_below_that_of_noise(tmp_path):
+  config = small_config()
+  path = str(tmp_path / "stats.npz")
+  extractor = evaluate.get_feature_extractor(config)
+  assert extractor.name == "digits_mlp"
+  mu, sigma, n = evaluate.compute_reference_statistics(config, "train", path, extractor)
+  assert n == 1500 and os.path.exists(path)
+  mu2, sigma2 = metrics.load_statistics(path)
+  np.testing.assert_allclose(mu2, mu)
+  heldout = input_pipeline.load_split_array(config.data, "test")
+  noise = np.random.default_rng(0).integers(0, 256, heldout.shape).astype(np.uint8)
+  fid_real = evaluate.fid_from_images(heldout, mu, sigma, extractor)
+  fid_noise = evaluate.fid_from_images(noise, mu, sigma, extractor)
+  assert fid_real < 10.0, fid_real
+  assert fid_noise > 10 * fid_real, (fid_real, fid_noise)
+
+
+def test_missing_inception_weights_fail_before_any_work(tmp_path, trained):
+  config = small_config()
+  config.data.dataset = "cifar10"
+  config.data.channels = 3
+  config.eval.inception_weights = str(tmp_path / "nope.npz")
+  with pytest.raises(FileNotFoundError, match="Inception FID weights not found"):
+    evaluate.run_eval_fid(config, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "samples"))
+
+
+def test_stats_only_cli_writes_the_cached_statistics(tmp_path):
+  stats_dir = str(tmp_path / "stats")
+  proc = subprocess.run(
+      [sys.executable, "-m", "ddpm_jax.evaluate", f"--config={ROOT}/configs/test.py",
+       "--stats_only", f"--stats_dir={stats_dir}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  paths = json.loads(proc.stdout[proc.stdout.index("{"):])
+  config = small_config()
+  assert paths == {s: evaluate.reference_statistics_path(config, s, stats_dir)
+                   for s in ("train", "test")}
+  mu, sigma = metrics.load_statistics(paths["test"])
+  feats = digits_classifier.features(input_pipeline.load_split_array(config.data, "test"))
+  np.testing.assert_allclose(mu, feats.mean(axis=0), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------
+
+def _toy_diffusion():
+  return GaussianDiffusion(schedules.get_beta_schedule("linear", 20, 1e-3, 0.3))
+
+
+def _toy_model(x, t):  # an eps-predictor that is not the identity
+  return 0.5 * jnp.tanh(x) + 0.01 * t.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def test_interpolation_uses_shared_noise_and_fixed_reverse_noise():
+  d = _toy_diffusion()
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
+  b = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 1)), jnp.float32)
+  lambdas = jnp.linspace(0.0, 1.0, 5)
+  key = jax.random.PRNGKey(3)
+  # Same source on both ends: every lambda decodes the same latent with the same noise.
+  same = figures.interpolate(d, _toy_model, a, a, 9, lambdas, key)
+  np.testing.assert_allclose(same, jnp.broadcast_to(same[:, :1], same.shape), atol=1e-6)
+  out = figures.interpolate(d, _toy_model, a, b, 9, lambdas, key)
+  assert out.shape == (2, 5, 4, 4, 1)
+  assert float(jnp.abs(out[:, 0] - out[:, -1]).max()) > 1e-2
+  # lambda = 0 is exactly the reverse process from x_t of the first image.
+  eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 20), (4, 4, 1)))(
+      jax.vmap(lambda p: jax.random.fold_in(key, p))(jnp.arange(2)))
+  xt = d.q_sample(a, jnp.full((2,), 9), eps)
+  pair_keys = jax.vmap(lambda p: jax.random.fold_in(key, p))(jnp.arange(2))
+  noise_fn = lambda s: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, s), (4, 4, 1)))(
+      pair_keys)
+  ref = figures.reverse_from(d, _toy_model, xt, 9, noise_fn)
+  np.testing.assert_allclose(out[:, 0], ref, atol=1e-5)
+
+
+def test_progressive_generation_ends_at_the_sample():
+  d = _toy_diffusion()
+  preds, ts, x0 = figures.progressive_generation(d, _toy_model, (3, 4, 4, 1),
+                                                 jax.random.PRNGKey(0), columns=4)
+  assert list(np.asarray(ts)) == [19, 15, 10, 5, 0]
+  assert preds.shape == (3, 5, 4, 4, 1)
+  # At t = 0 the mean is the predicted x0 (fixedlarge) and no noise is added.
+  np.testing.assert_allclose(preds[:, -1], x0, atol=1e-5)
+  assert float(jnp.abs(preds[:, 0] - preds[:, -1]).max()) > 1e-3
+
+
+def test_run_figures_writes_pngs_of_the_expected_size(tmp_path, trained):
+  _, config, _ = trained
+  workdir = fresh_workdir(tmp_path, trained)
+  config.eval.figure_rows = 2
+  out = evaluate.run_figures(config, workdir)
+  T = config.diffusion.num_timesteps
+  assert out["progressive_timesteps"] == [T - 1] + list(range(T - 10, -1, -10))
+  assert out["interp_t"] == T // 2 - 1
+  up = 32 // 8  # save_grid enlarges 8x8 tiles 4x
+  size = lambda rows, cols: ((cols * 9 + 1) * up, (rows * 9 + 1) * up)  # PIL: (width, height)
+  prog = Image.open(os.path.join(workdir, "figures", f"progressive_step{STEP}.png"))
+  assert prog.size == size(2, 11)
+  interp = Image.open(os.path.join(workdir, "figures", f"interpolation_step{STEP}.png"))
+  assert interp.size == size(2, 13)
+  # The first and last columns are the source images x0 and x0'.
+  grid = np.asarray(interp)[::up, ::up]
+  sources = input_pipeline.load_split_array(config.data, config.data.eval_split)[:4, ..., 0]
+  tile = lambda r, c: grid[1 + r * 9:1 + r * 9 + 8, 1 + c * 9:1 + c * 9 + 8]
+  np.testing.assert_array_equal(tile(0, 0), sources[0])
+  np.testing.assert_array_equal(tile(0, 12), sources[1])
+  np.testing.assert_array_equal(tile(1, 0), sources[2])
