@@ -20,9 +20,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, summaries and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval_bpd", "eval_fid"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval_bpd", "eval_fid", "figures"],
                   "train: train (resuming from workdir); sample: write samples of the EMA "
-                  "parameters; eval_bpd / eval_fid: evaluate.")
+                  "parameters; eval_bpd: bits/dim on data.eval_split; eval_fid: FID and "
+                  "Inception Score of samples; figures: the paper's progressive generation "
+                  "and interpolation figures.")
 flags.DEFINE_integer("cpu_devices", 0, "On a CPU host, how many JAX devices to split the batch "
                      "over (0: one per core). Ignored on GPU/TPU.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detection: host:port "
@@ -35,8 +37,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _setup_devices(config) -> None:
   """Multi-host initialisation and the CPU device count, before JAX touches a device."""
   import jax  # pylint: disable=g-import-not-at-top
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  xla_flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in xla_flags:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices or os.cpu_count() or 1)
+  if "collective_call_terminate_timeout" not in xla_flags:
+    # CPU all-reduces abort after 40 s by default, which a busy CPU host can exceed.
+    os.environ["XLA_FLAGS"] = (xla_flags + " --xla_cpu_collective_call_terminate_timeout_seconds=3600").strip()
   if config.distributed.initialize or FLAGS.coordinator_address:
     if FLAGS.coordinator_address:  # e.g. several CPU processes on one machine
       jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -10,7 +10,7 @@ from ddpm_jax import schedules
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.input_pipeline import DATASETS
 
-MODES = ("train", "sample", "eval_bpd", "eval_fid")
+MODES = ("train", "sample", "eval_bpd", "eval_fid", "figures")
 
 
 class ConfigError(ValueError):

@@ -256,15 +256,20 @@ def make_train_step(model: UNet, diffusion: GaussianDiffusion, tx: optax.Gradien
 def make_p_train_step(model, diffusion, tx, config, devices=None):
   """The pmap-ed multi-step: (state [D...], x0 [D, n, b, H, W, C]) -> (state, metrics [D, n]).
 
-  n = ``training.steps_per_call`` steps run in one ``lax.scan`` on device; the
-  state is donated, so its buffers are updated in place.
+  n = ``training.steps_per_call`` steps run in one device call (unrolled, so
+  compile time grows with n); the state is donated, so its buffers are updated
+  in place.
   """
   step = make_train_step(model, diffusion, tx, config)
 
   def multi_step(state, batches):
-    # Unrolled: XLA:CPU ran a train step inside a while loop 5-7x slower (measured,
-    # jax 0.10.2), while an unrolled sequence costs only compile time.
-    return jax.lax.scan(step, state, batches, unroll=True)
+    # A Python loop, unrolled at trace time: on XLA:CPU (jax 0.10.2) the same step
+    # inside lax.scan, even with unroll=True, ran 9x slower (0.76 s vs 0.084 s).
+    metrics = []
+    for i in range(batches.shape[0]):
+      state, m = step(state, batches[i])
+      metrics.append(m)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
   return jax.pmap(multi_step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
