@@ -1,22 +1,8 @@
-"""CelebA-HQ 256x256 (Ho et al. 2020, App. B: the 256x256 models)."""
+"""CelebA-HQ 256x256 (Ho et al. 2020, App. B)."""
 
-from configs import default
+from configs import paper256
 
 
 def get_config():
-  config = default.get_config()
-  config.data.dataset = "celeb_a_hq/256"
-  config.data.image_size = 256
-  config.data.channels = 3
-  config.data.random_flip = True  # the paper's code flips at 256x256 too (randflip=True)
-  config.data.in_memory = False  # too large for host memory: tf.data streaming
-  config.data.eval_split = "train"
-  config.model.ch_mult = (1, 1, 2, 2, 4, 4)  # 256 -> 8 over six levels
-  config.model.attn_resolutions = (16,)
-  config.model.dropout = 0.0  # paper: no dropout at 256x256
-  config.optim.lr = 2e-5  # paper: 2e-5 at 256x256
-  config.training.batch_size = 64  # paper: 64 at 256x256
-  config.training.num_train_steps = 500_000  # paper: 0.5M steps
-  config.sampling.batch_size = 64
-  config.eval.batch_size = 64
-  return config
+  # eval split: celeb_a_hq has only a train split; steps: paper: 0.5M steps
+  return paper256.get_config("celeb_a_hq/256", eval_split="train", num_train_steps=500_000)

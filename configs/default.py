@@ -72,6 +72,7 @@ def get_config():
   training.prefetch = 2           # batches kept in flight on the devices
   training.nan_policy = "skip"    # non-finite loss/grads: 'skip' the update or 'stop' at once
   training.max_consecutive_nonfinite = 10  # stop after this many non-finite steps in a row
+  training.debug_poison_step = -1  # testing only: the batch of this step is made NaN (-1: never)
 
   # ---- sampling (--mode=sample, and the grids during training) ----
   config.sampling = sampling = ml_collections.ConfigDict()

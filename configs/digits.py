@@ -1,0 +1,36 @@
+"""The embedded default: scikit-learn's 8x8 handwritten digits, trained in minutes on a CPU.
+
+No download: the 1,797 digits ship inside scikit-learn (1,500 train / 297 test).
+The diffusion is the paper's (T = 1000, linear betas, eps prediction, L_simple);
+the network and the schedule of optimisation are scaled down to fit a laptop.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.dataset = "digits"
+  config.data.image_size = 8
+  config.data.channels = 1
+  config.data.random_flip = False  # digits are not mirror-symmetric
+  config.data.eval_split = "test"  # the last 297 digits
+  config.model.ch = 32  # 1.1M parameters instead of 35.7M
+  config.model.ch_mult = (1, 2, 2)  # 8x8 -> 4x4 -> 2x2
+  config.model.num_res_blocks = 2
+  config.model.attn_resolutions = (4,)
+  config.model.dropout = 0.0  # short runs do not overfit; dropout costs ~40% time here
+  config.optim.lr = 2e-3  # a short run needs a larger step than the paper's 2e-4
+  config.optim.warmup_steps = 100
+  config.optim.ema_decay = 0.995  # averages over ~200 steps instead of ~10k
+  config.training.batch_size = 128
+  config.training.num_train_steps = 1500
+  config.training.log_every_steps = 100
+  config.training.checkpoint_every_steps = 500
+  config.training.sample_every_steps = 500
+  config.training.num_grid_samples = 64
+  config.sampling.num_samples = 256
+  config.sampling.batch_size = 256
+  config.eval.batch_size = 64
+  config.eval.num_fid_samples = 1000
+  return config
