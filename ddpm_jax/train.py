@@ -173,19 +173,13 @@ def example_randomness(rng, step, global_index, num_timesteps: int, shape):
 def make_model_fn(model: UNet, params, train: bool, dropout_keys=None, labels=None):
   """model_fn(x_t [B, H, W, C], t [B]) -> output, for the diffusion core.
 
-  With dropout at train time the network runs per example (``vmap``) so that
-  each example's mask comes from its own key, not from its place in a batch.
+  At train time each example's dropout masks come from its own key
+  (``dropout_keys`` [B]), not from its place in a batch.
   """
   if not (train and model.dropout > 0):
     return lambda x, t: model.apply({"params": params}, x, t, labels, train=False)
-
-  def model_fn(x, t):
-    def one(xi, ti, ki, yi):
-      yi = None if yi is None else yi[None]
-      return model.apply({"params": params}, xi[None], ti[None], yi, train=True,
-                         rngs={"dropout": ki})[0]
-    return jax.vmap(one)(x, t, dropout_keys, labels)
-  return model_fn
+  return lambda x, t: model.apply({"params": params}, x, t, labels, train=True,
+                                  dropout_keys=dropout_keys)
 
 
 def make_train_step(model: UNet, diffusion: GaussianDiffusion, tx: optax.GradientTransformation,
@@ -311,10 +305,19 @@ class _StopFlag:
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
-def _stacked_batches(iterator, n: int):
-  """Groups n consecutive step batches [D, b, ...] into [D, n, b, ...]."""
+def _stacked_batches(iterator, n: int, start_step: int, poison_step: int = -1):
+  """Groups n consecutive step batches [D, b, ...] into [D, n, b, ...].
+
+  The batch of step ``poison_step`` (counting steps from 0) is replaced by NaN,
+  to exercise the non-finite guards (``training.debug_poison_step``).
+  """
+  step = start_step
   while True:
     group = [next(iterator) for _ in range(n)]
+    for i in range(n):
+      if step + i == poison_step:
+        group[i] = np.full_like(group[i], np.nan)
+    step += n
     yield np.stack(group, axis=1)
 
 
@@ -352,7 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   p_step = make_p_train_step(model, diffusion, tx, config)
   batches = input_pipeline.create_train_iterator(config.data, tcfg.batch_size,
                                                  start_step=start_step)
-  batches = input_pipeline.prefetch_to_device(_stacked_batches(batches, n), tcfg.prefetch)
+  batches = input_pipeline.prefetch_to_device(
+      _stacked_batches(batches, n, start_step, tcfg.get("debug_poison_step", -1)), tcfg.prefetch)
 
   sample_fn = None
   if tcfg.sample_every_steps:

@@ -468,6 +468,23 @@ def test_dropout_only_in_training(tiny):
     assert not np.allclose(tr1, ev1, atol=1e-3)
 
 
+def test_per_example_dropout_keys_make_examples_independent(tiny):
+    """With one dropout key per example, an example's output (dropout on) does not depend
+    on the batch it is in; different keys give different masks."""
+    model, variables, _ = tiny
+    x, t = _inputs(2, TINY_HW)
+    keys = jax.random.split(jax.random.PRNGKey(11), 2)
+    f = jax.jit(lambda v, x, t, k: model.apply(v, x, t, train=True, dropout_keys=k))
+    batched = np.asarray(f(variables, x, t, keys))
+    for i in range(2):
+        single = np.asarray(f(variables, x[i : i + 1], t[i : i + 1], keys[i : i + 1]))
+        np.testing.assert_allclose(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
+    other = np.asarray(f(variables, x, t, jax.random.split(jax.random.PRNGKey(12), 2)))
+    assert not np.allclose(other, batched, atol=1e-3)
+    evaluated = np.asarray(model.apply(variables, x, t, train=False, dropout_keys=keys))
+    assert not np.allclose(evaluated, batched, atol=1e-3)  # dropout was really on
+
+
 def test_remat_same_params_outputs_and_grads():
     cfg = dict(TINY, num_res_blocks=1)  # fewer blocks: two gradient compiles are the slow part
     plain, remat = UNet(**cfg), UNet(**cfg, remat=True)

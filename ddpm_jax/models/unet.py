@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import math
 from typing import Any, Optional
+import zlib
 
 import flax.linen as nn
 import jax
@@ -170,6 +171,21 @@ def _dense(features: int, name: str, dtype: Any, init_scale: float = 1.0) -> nn.
     )
 
 
+def _dropout(h: jax.Array, rate: float, train: bool, keys: Optional[jax.Array], name: str) -> jax.Array:
+    """Dropout from the 'dropout' rng stream, or from one key per example.
+
+    With ``keys`` ([B] keys) example b's mask depends only on keys[b] and the
+    block's name, not on the batch it sits in.
+    """
+    if not train or rate == 0.0:
+        return h
+    if keys is None:
+        return nn.Dropout(rate=rate, deterministic=False)(h)
+    salt = zlib.crc32(name.encode()) & 0x7FFFFFFF
+    keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), 1.0 - rate, h.shape[1:]))(keys)
+    return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
+
+
 class ResnetBlock(nn.Module):
     """Wide-ResNet block with timestep conditioning (the paper's ``resnet_block``).
 
@@ -183,8 +199,10 @@ class ResnetBlock(nn.Module):
     dtype: Any = jnp.float32  # computation dtype; params are float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False) -> jax.Array:
-        """Args: x ``[B, H, W, C]``; temb ``[B, E]``; train: enables dropout.
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False,
+                 dropout_keys: Optional[jax.Array] = None) -> jax.Array:
+        """Args: x ``[B, H, W, C]``; temb ``[B, E]``; train: enables dropout;
+        dropout_keys: optional ``[B]`` PRNG keys, one per example (see ``UNet``).
 
         Returns ``[B, H, W, out_ch]`` in ``dtype``.
         """
@@ -194,7 +212,7 @@ class ResnetBlock(nn.Module):
         h = _conv3x3(self.out_ch, "conv1", self.dtype)(h)
         h = h + _dense(self.out_ch, "temb_proj", self.dtype)(nn.swish(temb.astype(self.dtype)))[:, None, None, :]
         h = nn.swish(_group_norm(h, "norm2", self.dtype))
-        h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
+        h = _dropout(h, self.dropout, train, dropout_keys, self.name)
         h = _conv3x3(self.out_ch, "conv2", self.dtype, init_scale=0.0)(h)
         if in_ch != self.out_ch:
             x = _dense(self.out_ch, "nin_shortcut", self.dtype)(x)
@@ -305,6 +323,7 @@ class UNet(nn.Module):
         t: jax.Array,
         y: Optional[jax.Array] = None,
         train: bool = False,
+        dropout_keys: Optional[jax.Array] = None,
     ) -> jax.Array:
         """Predict the noise (and optionally variances) for a batch.
 
@@ -314,7 +333,11 @@ class UNet(nn.Module):
           t: ``[B]`` int timesteps in ``[0, T)``.
           y: ``[B]`` int class labels in ``[0, num_classes)``; required iff
             ``num_classes`` is set, must be None otherwise.
-          train: enables dropout (needs ``rngs={'dropout': key}``).
+          train: enables dropout (needs ``rngs={'dropout': key}`` or ``dropout_keys``).
+          dropout_keys: ``[B]`` PRNG keys, one per example: each example's dropout
+            masks then depend on its key alone, so a batch gives the same outputs as
+            its examples run one at a time (the trainer uses this to make training
+            independent of how the batch is split over devices).
 
         Returns:
           ``[B, H, W, out_ch]`` float32.
@@ -348,7 +371,8 @@ class UNet(nn.Module):
         block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
 
         def resblock(h, out_ch, name):
-            return block_cls(out_ch=out_ch, dropout=self.dropout, dtype=dt, name=name)(h, temb, train)
+            return block_cls(out_ch=out_ch, dropout=self.dropout, dtype=dt, name=name)(
+                h, temb, train, dropout_keys)
 
         # Timestep embedding.
         temb = get_timestep_embedding(t, ch)

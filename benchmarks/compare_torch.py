@@ -1,0 +1,70 @@
+"""Side-by-side CPU comparison with PyTorch + diffusers, alternating the two.
+
+  python benchmarks/compare_torch.py --torch_python=/work/venv-torch/bin/python [--reps=3]
+
+Runs, in alternation and `--reps` times each, our train step and the peer's for
+the paper's CIFAR-10 U-Net (batch 8) and the 1.1M-parameter U-Net (ch 32,
+ch_mult (1,2,2), one res block per level, attention at 16x16; batch 32), and
+1000-step sampling of 16 images of the 1.1M model. Prints every JSON line it
+gets, then one summary line per case: the medians and our/peer images-per-s
+ratio. The peer needs torch and diffusers (requirements-bench.txt) in the
+interpreter given by --torch_python; the machine should be otherwise idle.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = ["--config.model.ch=32", "--config.model.ch_mult=(1,2,2)", "--config.model.num_res_blocks=1"]
+CASES = {
+    "cifar10_train": (
+        ["train_throughput.py", "--config=configs/cifar10.py", "--config.training.batch_size=8",
+         "--steps=5", "--warmup=1"],
+        ["--model=cifar10", "--mode=train", "--batch=8", "--reps=5", "--warmup=2"]),
+    "small_train": (
+        ["train_throughput.py", "--config=configs/cifar10.py", "--config.training.batch_size=32",
+         "--steps=10", *SMALL],
+        ["--model=small", "--mode=train", "--batch=32", "--reps=10", "--warmup=3"]),
+    "small_sample1000": (
+        ["sample_throughput.py", "--config=configs/cifar10.py", "--config.sampling.batch_size=16",
+         "--samplers=ancestral:0", *SMALL],
+        ["--model=small", "--mode=sample", "--num=16", "--steps=1000", "--reps=1"]),
+}
+
+
+def run(cmd):
+  out = subprocess.run(cmd, cwd=os.path.dirname(HERE), capture_output=True, text=True, check=False)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+  if out.returncode or not lines:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+  print(lines[-1], flush=True)
+  return json.loads(lines[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--torch_python", required=True)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--cases", default=",".join(CASES))
+  args = parser.parse_args()
+  summary = []
+  for case in args.cases.split(","):
+    ours_cmd, peer_args = CASES[case]
+    ours, peer = [], []
+    for _ in range(args.reps):
+      ours.append(run([sys.executable, os.path.join(HERE, ours_cmd[0]), *ours_cmd[1:]]))
+      peer.append(run([args.torch_python, os.path.join(HERE, "torch_peer.py"), *peer_args]))
+    ours_ips = statistics.median(r["images_per_s"] for r in ours)
+    peer_ips = statistics.median(r["images_per_s"] for r in peer)
+    summary.append(dict(case=case, reps=args.reps, ours_images_per_s=ours_ips,
+                        peer_images_per_s=peer_ips, ratio=round(ours_ips / peer_ips, 3)))
+  for s in summary:
+    print(json.dumps(s))
+
+
+if __name__ == "__main__":
+  main()
