@@ -1,7 +1,7 @@
 """A small digits classifier: the FID/IS feature extractor for the 8x8 digits data.
 
 Inception features mean nothing on 8x8 grey-scale digits, so FID and IS for
-the digits default are computed with a one-hidden-layer MLP instead:
+the digits default are computed with a three-hidden-layer MLP instead:
 
 * data: ``sklearn.datasets.load_digits()`` (1797 images, 8x8, integer
   intensities 0..16, labels 0..9), shipped with scikit-learn, no download;
@@ -12,17 +12,21 @@ the digits default are computed with a one-hidden-layer MLP instead:
   ``[0, 255]``, obtained from the raw values as ``round(v * 255 / 16)``
   (:func:`load_digits_images`).  Float arrays in ``[0, 255]`` are accepted too
   (generated samples need not be quantised);
-* model: ``sklearn.neural_network.MLPClassifier(hidden_layer_sizes=(64,),
+* model: ``sklearn.neural_network.MLPClassifier(hidden_layer_sizes=(256, 128, 64),
   random_state=0, max_iter=1000)`` on the 64 pixels scaled to ``[-1, 1]``
   (``x / 127.5 - 1``); fitting takes well under a second and the fitted model
   is cached in memory (:func:`get_classifier`).
 
-API: :func:`features` gives the hidden ReLU activations ``[N, 64]`` (the FID
-features), :func:`probs` the class probabilities ``[N, 10]`` (for IS), and
-:func:`heldout_accuracy` the accuracy on the 297 held-out images (0.929).
-Reference values with these features: FID(held-out vs train)
-3.5, FID(uniform noise vs train) ~137; IS of the held-out images 8.89 (one
-split) or 8.01 +- 0.51 (10 splits of ~30, which biases IS downwards).
+API: :func:`features` gives the last hidden layer's ReLU activations ``[N, 64]``
+(the FID features), :func:`probs` the class probabilities ``[N, 10]`` (for IS),
+and :func:`heldout_accuracy` the accuracy on the 297 held-out images (0.926).
+
+Why three layers: with one hidden layer the features are nearly linear in the
+pixels, so samples of a Gaussian fitted to the training pixels scored FID 4.6
+against 3.5 for real held-out digits; with (256, 128, 64) they score 21.8
+against 8.9 (uniform noise: ~600), so FID separates digit-like images from
+blobs with the right first two moments. Measured with
+benchmarks/digits_baselines.py.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ __all__ = [
 NUM_TRAIN = 1500
 NUM_CLASSES = 10
 FEATURE_DIM = 64
+HIDDEN_LAYERS = (256, 128, FEATURE_DIM)  # the last one gives the FID features
 _RAW_MAX = 16.0
 
 
@@ -104,7 +109,7 @@ def get_classifier():
     from sklearn.neural_network import MLPClassifier
 
     images, labels = load_digits_images("train")
-    clf = MLPClassifier(hidden_layer_sizes=(FEATURE_DIM,), random_state=0, max_iter=1000)
+    clf = MLPClassifier(hidden_layer_sizes=HIDDEN_LAYERS, random_state=0, max_iter=1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(_to_inputs(images), labels)
@@ -112,7 +117,7 @@ def get_classifier():
 
 
 def features(images: np.ndarray) -> np.ndarray:
-    """Hidden-layer ReLU activations, the digits "pool3" for FID.
+    """The last hidden layer's ReLU activations, the digits "pool3" for FID.
 
     Args:
       images: ``[N, 8, 8, 1]`` uint8 or float in ``[0, 255]``.
@@ -121,8 +126,10 @@ def features(images: np.ndarray) -> np.ndarray:
       float64 ``[N, 64]``, values ``>= 0``.
     """
     clf = get_classifier()
-    hidden = _to_inputs(images) @ clf.coefs_[0] + clf.intercepts_[0]
-    return np.maximum(hidden, 0.0)
+    hidden = _to_inputs(images)
+    for weights, bias in zip(clf.coefs_[:-1], clf.intercepts_[:-1]):
+        hidden = np.maximum(hidden @ weights + bias, 0.0)
+    return hidden
 
 
 def probs(images: np.ndarray) -> np.ndarray:
