@@ -9,6 +9,7 @@ Any config field can be overridden with --config.SECTION.FIELD=VALUE.
 
 import json
 import os
+import re
 import sys
 
 from absl import app
@@ -51,13 +52,112 @@ def _setup_devices(config) -> None:
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
+class UserError(Exception):
+  """A problem the user can fix; main() prints its message as one line."""
+
+
+def _fail(message: str) -> None:
+  """The one-line ``error: ...`` on stderr, exit status 1."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(1)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with every command-line mistake reported as one line.
+
+  A misspelled config field (--config.training.batchsize=3) makes
+  ml_collections raise AttributeError/KeyError out of the parser, and a config
+  file that cannot be loaded only fails on first use: both would be tracebacks.
+  """
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (see --helpfull)")
+  except (AttributeError, KeyError) as e:
+    message = _unknown_field_message(e, argv)
+    if message is None:
+      raise  # not an override naming a missing field: a bug in a config file, say
+    _fail(message)
+  try:
+    FLAGS.config.keys()  # ml_collections defers a file that failed to load to here
+  except OSError as e:
+    cause = e.__cause__ or e
+    reason = str(cause).strip().splitlines()[-1].strip() if str(cause).strip() else str(cause)
+    _fail(f"--config={FLAGS['config'].config_filename}: cannot load the config file ({reason})")
+  return rest
+
+
+def _unknown_field_message(error: BaseException, argv):
+  """'--config.training.batchsize: the config has no field ...' from ml_collections' KeyError.
+
+  None when the error does not come from an override naming a missing field.
+  """
+  text = error
+  while isinstance(text, BaseException) and text.args:
+    text = text.args[0]  # AttributeError(KeyError("'batchsize'\nDid you mean ..."))
+  text = str(text)
+  key = re.match(r"""['"]?([\w-]+)""", text)
+  key = key.group(1) if key else text.splitlines()[0]
+  hint = re.search(r'Did you mean "([\w-]+)" instead of', text)
+  flag = next((a.split("=", 1)[0] for a in argv[1:]
+               if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")), None)
+  if flag is None:
+    return f"unknown config field {key!r} (did you mean {hint.group(1)!r}?)" if hint else None
+  path = flag[len("--config."):].split(".")
+  message = f"{flag}: the config has no field {'.'.join(path)!r}"
+  if hint:
+    path[path.index(key)] = hint.group(1)
+    message += f" (did you mean --config.{'.'.join(path)}?)"
+  return message + "; the fields are listed in configs/default.py"
+
+
+def _quiet_closed_event_loop_noise() -> None:
+  """Drops the 'Event loop is closed' RuntimeErrors orbax/tensorstore leave behind.
+
+  After a failed checkpoint read or write, tensorstore completes its futures on
+  an asyncio loop orbax has already closed; each completion prints a traceback
+  through sys.unraisablehook (hundreds of them). They carry no information.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    previous(unraisable)
+  sys.unraisablehook = hook
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates ``workdir``; a path that cannot be a writable directory is a UserError."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(f"--workdir={workdir} is a file, not a directory")
+  parent = os.path.dirname(os.path.abspath(workdir))
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if parent and not os.path.isdir(parent):
+    raise UserError(f"--workdir={workdir} cannot be created: {parent} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--workdir={workdir} cannot be created: {e.strerror or e}") from e
+  if not os.access(workdir, os.W_OK):
+    raise UserError(f"--workdir={workdir} is not writable")
+
+
+def _preflight_data(config, mode: str) -> None:
+  """A TFDS data set that is not on disk fails before the model is built and compiled."""
+  from ddpm_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  if mode in ("train", "eval_bpd") and config.data.dataset in input_pipeline.TFDS_DATASETS:
+    input_pipeline.get_tfds_builder(config.data)  # raises DatasetNotPreparedError
+
+
 def _run(config, workdir: str, mode: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
   config_validation.validate(config, jax.device_count(), jax.local_device_count())
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise PermissionError(f"--workdir={workdir} is not writable")
+  _prepare_workdir(workdir)
+  _preflight_data(config, mode)
   if jax.process_index() == 0:
     logging.get_absl_handler().use_absl_log_file("log", workdir)
     with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
@@ -84,25 +184,75 @@ class _DropLibraryChatter(logging.logging.Filter):
         part in record.pathname for part in ("/orbax/", "/tensorflow/", "/jax/_src/"))
 
 
+class _OneLineLibraryErrors(logging.logging.Filter):
+  """Folds the tracebacks orbax and asyncio log from background threads into one line.
+
+  A failed asynchronous checkpoint write (e.g. a full disk) is logged by orbax's
+  writer thread and again by asyncio ("Future exception was never retrieved"),
+  each with a traceback, before the same error reaches the main thread, which
+  reports it: one line for a problem the user can fix, the full traceback for
+  anything else.
+  """
+
+  def filter(self, record):
+    if record.exc_info and any(part in record.pathname for part in ("/orbax/", "/asyncio/")):
+      error = record.exc_info[1]
+      message = " ".join(record.getMessage().split("\n")[0].split())
+      detail = (str(error).splitlines() or [""])[0] if error is not None else ""
+      if detail and detail not in message:
+        message += f" ({type(error).__name__}: {detail})"
+      record.msg, record.args, record.exc_info, record.exc_text = message, (), None, None
+    return True
+
+
+def _raised_in(error: BaseException, module_file: str) -> bool:
+  """Whether ``error`` was raised by code in ``module_file`` (its innermost frame)."""
+  tb = error.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and (os.path.realpath(tb.tb_frame.f_code.co_filename)
+                             == os.path.realpath(module_file))
+
+
+def _user_error_message(error: BaseException, workdir: str):
+  """The one-line message of an error the user can fix, or None for a bug (traceback)."""
+  from ddpm_jax import checkpoint, config_validation, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  user_errors = (UserError, config_validation.ConfigError, checkpoint.CheckpointMismatchError,
+                 checkpoint.CheckpointWriteError, checkpoint.CorruptCheckpointError,
+                 input_pipeline.DatasetNotPreparedError, train.NonFiniteError,
+                 FileNotFoundError, PermissionError)
+  if isinstance(error, user_errors):
+    return str(error)
+  storage = checkpoint.storage_error_message(error, checkpoint.checkpoint_dir(workdir),
+                                             where=f"--workdir={workdir}")
+  if storage is not None:
+    return storage
+  # The input pipeline checks data.* and the files it reads with ValueError (unknown
+  # dataset, channels, a folder without decodable images, an empty split, ...).
+  if isinstance(error, ValueError) and _raised_in(error, input_pipeline.__file__):
+    return str(error)
+  return None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS.alsologtostderr = True
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  logging.get_absl_handler().addFilter(_OneLineLibraryErrors())
+  _quiet_closed_event_loop_noise()
   config = FLAGS.config
   _setup_devices(config)
   # Errors a user can fix get one line, not a traceback.
-  from ddpm_jax import checkpoint, config_validation, input_pipeline, train  # pylint: disable=g-import-not-at-top
-  user_errors = (config_validation.ConfigError, checkpoint.CheckpointMismatchError,
-                 input_pipeline.DatasetNotPreparedError, train.NonFiniteError,
-                 FileNotFoundError, PermissionError)
   try:
     _run(config, FLAGS.workdir, FLAGS.mode)
-  except user_errors as e:
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    message = _user_error_message(e, FLAGS.workdir)
+    if message is None:
+      raise
+    logging.error("%s: %s", type(e).__name__, message)
+    _fail(message)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -6,16 +6,24 @@ Each step's checkpoint holds three items:
   meta:       JSON with the model/diffusion/data fields that fix the parameter
               shapes, so a workdir of another architecture is refused clearly.
 Orbax writes into a temporary directory and renames it when complete, so an
-interrupted write is never taken for a checkpoint.
+interrupted write is never taken for a checkpoint. The meta item also holds a
+CRC32 of the state and of the EMA parameters: a checkpoint whose files were
+damaged afterwards (truncated, overwritten, bit rot) fails the check instead of
+being loaded, and resuming falls back to the one before it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import time
 from typing import Any, Optional
+import zlib
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ddpm_jax.train import TrainState
@@ -31,6 +39,19 @@ _ARCH_FIELDS = {
 
 class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of another architecture."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (full disk, quota, read-only file system...)."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint's files do not hold what was written (failed checksum)."""
+
+
+# Where a damaged checkpoint is moved (next to checkpoints/) when a run resumes
+# from an older one: out of the way of the re-written step, but not deleted.
+UNREADABLE_DIR = "checkpoints.unreadable"
 
 
 def architecture(config) -> dict:
@@ -54,22 +75,133 @@ def create_manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.
                                item_names=("state", "ema_params", "meta"))
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, config) -> None:
-  """Writes ``state`` (host arrays) under its step; returns while it is written."""
-  step = int(state.step)
-  core = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+def checksum(tree) -> str:
+  """CRC32 over the leaves of ``tree`` (dtype, shape and bytes, in tree order)."""
+  crc = 0
+  for leaf in jax.tree.leaves(tree):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(f"{a.dtype.str}{a.shape}".encode(), crc)
+    crc = zlib.crc32(a.reshape(-1).view(np.uint8), crc)
+  return f"crc32:{crc:08x}"
+
+
+def _core(state) -> dict:
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
           "rng": state.rng}
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(core),
-      ema_params=ocp.args.StandardSave(state.ema_params),
-      meta=ocp.args.JsonSave(architecture(config))), force=True)
 
 
-def _check_meta(manager, step: int, config) -> None:
+def save(manager: ocp.CheckpointManager, state: TrainState, config) -> None:
+  """Writes ``state`` (host arrays) under its step; returns while it is written.
+
+  A step that already has a checkpoint is not written again (a finished run
+  started again, or a stop signal right after a periodic checkpoint): resuming
+  is deterministic, so it holds this very state.
+
+  Raises:
+    CheckpointWriteError: the storage refused the write (this one or the
+      previous, asynchronous one), e.g. a full disk; the message says which
+      complete checkpoint is left.
+  """
+  step = int(state.step)
+  if step in manager.all_steps():
+    logging.info("The checkpoint of step %d already exists in %s; not written again.",
+                 step, manager.directory)
+    return
+  core = _core(state)
+  meta = dict(architecture(config))
+  meta["checksum.state"] = checksum(core)
+  meta["checksum.ema_params"] = checksum(state.ema_params)
   try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception:  # pylint: disable=broad-except
-    return  # older checkpoints without meta: shapes are checked on restore
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(core),
+        ema_params=ocp.args.StandardSave(state.ema_params),
+        meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    message = storage_error_message(e, manager.directory)
+    if message is None:
+      raise
+    error = CheckpointWriteError(message)
+    error.errno = _storage_error_code(e)
+    raise error from e
+
+
+_STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system"}
+# orbax re-raises a failed asynchronous write as ValueError("RESOURCE_EXHAUSTED: Error
+# writing ... No space left on device") at the next save or wait: match the OS's text.
+_STORAGE_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS}
+
+
+def complete_steps(directory) -> list[int]:
+  """Steps with a finished checkpoint directory under ``directory`` (no orbax needed)."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def _storage_error_code(error: BaseException) -> Optional[int]:
+  """errno.ENOSPC etc. when ``error`` or one of its causes is the storage refusing a write."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRORS:
+      return e.errno
+    text = str(e)
+    for t, code in _STORAGE_TEXTS.items():
+      if t in text:
+        return code
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def storage_error_message(error: BaseException, directory, where: Optional[str] = None
+                          ) -> Optional[str]:
+  """One line for an exception caused by the storage refusing a write, else None.
+
+  ``directory``: the checkpoint directory; the line says which complete
+  checkpoint is left in it. ``where``: what could not be written (default: it).
+  """
+  if isinstance(error, CheckpointWriteError):
+    return str(error)
+  code = _storage_error_code(error)
+  if code is None:
+    return None
+  directory = str(directory)
+  steps = complete_steps(directory)
+  left = (f"the newest complete checkpoint, step {steps[-1]}, is intact" if steps
+          else "no complete checkpoint was written yet")
+  return (f"could not write to {where or directory}: {_STORAGE_ERRORS[code]}; {left} (unfinished "
+          f"writes are ignored); free space and run the same command again to resume")
+
+
+def _is_read_only(manager) -> bool:
+  options = getattr(manager, "_options", None)
+  return bool(getattr(options, "read_only", False))
+
+
+def _read_meta(manager, step: int) -> Optional[dict]:
+  """The meta item of ``step``; None for older checkpoints without one.
+
+  Raises CorruptCheckpointError when the item exists but cannot be read.
+  """
+  path = os.path.join(str(manager.directory), str(step), "meta")
+  if not os.path.exists(path):
+    return None
+  try:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptCheckpointError(f"its meta item cannot be read ({type(e).__name__}: "
+                                 f"{_first_line(e)})") from e
+
+
+def _check_meta(manager, step: int, config) -> Optional[dict]:
+  """Raises CheckpointMismatchError on another architecture; returns the meta (or None)."""
+  meta = _read_meta(manager, step)
+  if meta is None:
+    return None  # older checkpoints without meta: shapes are checked on restore
   want = architecture(config)
   diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
   if diff:
@@ -77,6 +209,45 @@ def _check_meta(manager, step: int, config) -> None:
     raise CheckpointMismatchError(
         f"{manager.directory} holds a checkpoint of another architecture ({lines}); "
         "use another --workdir or the matching config")
+  return meta
+
+
+def _verify(meta: Optional[dict], key: str, tree) -> None:
+  want = (meta or {}).get(key)
+  if want is None:
+    return  # written before checksums were stored
+  got = checksum(tree)
+  if got != want:
+    raise CorruptCheckpointError(f"{key.split('.', 1)[1]} fails its checksum "
+                                 f"(stored {want}, read {got})")
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).splitlines() or [""])[0][:300]
+
+
+def _set_aside(manager, step: int) -> Optional[str]:
+  """Moves an unreadable step directory to workdir/checkpoints.unreadable/; returns where."""
+  if _is_read_only(manager):
+    return None
+  src = os.path.join(str(manager.directory), str(step))
+  dst_root = os.path.join(os.path.dirname(str(manager.directory)), UNREADABLE_DIR)
+  dst = os.path.join(dst_root, str(step))
+  if os.path.exists(dst):
+    dst = f"{dst}.{time.strftime('%Y%m%d-%H%M%S')}"
+  moved = None
+  if jax.process_index() == 0:
+    try:
+      os.makedirs(dst_root, exist_ok=True)
+      shutil.move(src, dst)
+      moved = dst
+    except OSError as e:
+      logging.warning("Could not move the unreadable checkpoint %s aside (%s).", src, e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"ddpm_jax_set_aside_{step}")
+  manager.reload()
+  return moved
 
 
 def _steps_newest_first(manager) -> list[int]:
@@ -85,29 +256,53 @@ def _steps_newest_first(manager) -> list[int]:
 
 def restore_train_state(manager: ocp.CheckpointManager, target: TrainState,
                         config) -> Optional[TrainState]:
-  """The newest readable checkpoint as a TrainState shaped like ``target``, or None.
+  """The newest readable checkpoint as a TrainState shaped like ``target``, or None if none.
 
-  A checkpoint that cannot be read (corrupt or truncated files) is skipped with
-  a warning and the previous one is tried; nothing is deleted.
+  A checkpoint that cannot be read (corrupt or truncated files, or data that
+  fails its checksum) is skipped with a warning and the previous one is tried.
+  Nothing is deleted: once an older checkpoint has been read, a writable
+  manager moves the unreadable newer step directories to
+  ``workdir/checkpoints.unreadable/``, so that the resumed run can write those
+  steps again.
+
+  Raises:
+    CheckpointMismatchError: a checkpoint of another architecture.
+    CorruptCheckpointError: there are checkpoints but none can be read (then
+      nothing is moved: training from scratch over them is not done silently).
   """
-  core_target = {"step": target.step, "params": target.params,
-                 "opt_state": target.opt_state, "rng": target.rng}
   abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  core_target = abstract(_core(target))
+  ema_target = abstract(target.ema_params)
+  unreadable = []
   for step in _steps_newest_first(manager):
-    _check_meta(manager, step, config)
     try:
+      meta = _check_meta(manager, step, config)
       out = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract(core_target)),
-          ema_params=ocp.args.StandardRestore(abstract(target.ema_params))))
+          state=ocp.args.StandardRestore(core_target),
+          ema_params=ocp.args.StandardRestore(ema_target)))
+      _verify(meta, "checksum.state", out["state"])
+      _verify(meta, "checksum.ema_params", out["ema_params"])
     except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("Checkpoint at step %d could not be read (%s: %s); trying the one before.",
-                      step, type(e).__name__, str(e).splitlines()[0][:300])
+                      step, type(e).__name__, _first_line(e))
+      unreadable.append((step, e))
       continue
+    for bad, _ in unreadable:
+      moved = _set_aside(manager, bad)
+      if moved:
+        logging.warning("Resuming from step %d: moved the unreadable checkpoint of step %d to %s.",
+                        step, bad, moved)
     core = out["state"]
     return TrainState(step=core["step"], params=core["params"], ema_params=out["ema_params"],
                       opt_state=core["opt_state"], rng=core["rng"])
+  if unreadable:
+    step, e = unreadable[0]
+    raise CorruptCheckpointError(
+        f"none of the checkpoints in {manager.directory} can be read (steps "
+        f"{[s for s, _ in unreadable]}; step {step}: {type(e).__name__}: {_first_line(e)}); "
+        "nothing was changed: move them away to train from scratch, or use another --workdir")
   return None
 
 
@@ -124,12 +319,18 @@ def restore_ema_params(manager: ocp.CheckpointManager, target_params: Any, confi
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_params)
   last_error = None
   for s in steps:
-    _check_meta(manager, s, config)
     try:
+      meta = _check_meta(manager, s, config)
       out = manager.restore(s, args=ocp.args.Composite(
           ema_params=ocp.args.StandardRestore(abstract)))
+      _verify(meta, "checksum.ema_params", out["ema_params"])
       return out["ema_params"], s
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("Checkpoint at step %d could not be read (%s); trying the one before.", s, e)
+      logging.warning("Checkpoint at step %d could not be read (%s: %s)%s.", s, type(e).__name__,
+                      _first_line(e), "; trying the one before" if s != steps[-1] else "")
       last_error = e
-  raise ValueError(f"no readable checkpoint in {manager.directory}: {last_error}")
+  raise CorruptCheckpointError(
+      f"no readable checkpoint in {manager.directory} (tried steps {steps}; the last error: "
+      f"{type(last_error).__name__}: {_first_line(last_error)})")

@@ -8,7 +8,7 @@ import ml_collections
 
 from ddpm_jax import schedules
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
-from ddpm_jax.input_pipeline import DATASETS
+from ddpm_jax.input_pipeline import DATASETS, IMAGE_EXTENSIONS
 
 MODES = ("train", "sample", "eval_bpd", "eval_fid", "figures")
 
@@ -45,6 +45,14 @@ def _choice(config, field: str, allowed) -> None:
   _require(v in allowed, field, v, f"must be one of {tuple(allowed)}")
 
 
+def _has_image_file(folder: str) -> bool:
+  """Whether any file under ``folder`` has an image extension (stops at the first)."""
+  for _, _, names in os.walk(folder):
+    if any(n.lower().endswith(IMAGE_EXTENSIONS) for n in names):
+      return True
+  return False
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
              num_local_devices: int | None = None) -> None:
   """Raises ConfigError on the first invalid field.
@@ -67,6 +75,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   if config.data.dataset == "folder":
     _require(bool(config.data.folder) and os.path.isdir(config.data.folder), "data.folder",
              config.data.folder, "must name an existing directory of images for dataset='folder'")
+    _require(_has_image_file(config.data.folder), "data.folder", config.data.folder,
+             f"holds no image file ({', '.join(IMAGE_EXTENSIONS)}) in it or its subdirectories")
   _int(config, "data.shuffle_seed", 0)
 
   # model
@@ -136,6 +146,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _int(config, "training.prefetch", 1)
   _choice(config, "training.nan_policy", ("skip", "stop"))
   _int(config, "training.max_consecutive_nonfinite", 1)
+  if "debug_poison_step" in t:
+    _int(config, "training.debug_poison_step", -1)
 
   # sampling
   s = config.sampling

@@ -1,0 +1,372 @@
+"""Reliability of training: preemption, kills, damaged checkpoints, non-finite steps.
+
+Every run here is ``main.py --config=configs/test.py`` in a subprocess on two CPU
+devices, compared bit for bit with one uninterrupted reference run (a module
+fixture that checkpoints every step, so any step's state can be looked up).
+The runs share a persistent XLA compilation cache: only the first one compiles
+the train step (~20 s on 2 cores); loading the same executable does not change
+the numbers, which the bitwise comparisons below confirm.
+"""
+
+import glob
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from ddpm_jax import checkpoint, train
+
+# After a failed checkpoint read, tensorstore completes futures on an asyncio loop orbax
+# has already closed ("Event loop is closed", unraisable): noise, silenced by main.py.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+# Shared with tests/test_errors.py; entries are keyed by the program and the flags.
+COMPILE_CACHE = os.path.join(tempfile.gettempdir(), "ddpm_jax_test_compile_cache")
+ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+       "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+
+def complete_steps(workdir):
+  """Steps with a finished (renamed) checkpoint directory in ``workdir``."""
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
+
+
+def _cmd(workdir, *args):
+  return [sys.executable, os.path.join(ROOT, "main.py"), "--config",
+          os.path.join(ROOT, "configs/test.py"), f"--workdir={workdir}",
+          f"--config.training.num_train_steps={STEPS}", *args]
+
+
+def _start(workdir, *args):
+  """Starts main.py with stdout and stderr going to ``workdir``.log; returns (proc, log path)."""
+  log = f"{workdir}.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env={**os.environ, **ENV},
+                            stdout=f, stderr=subprocess.STDOUT)
+  return proc, log
+
+
+def _read(path):
+  with open(path, errors="replace") as f:
+    return f.read()
+
+
+def _run(workdir, *args, timeout=600):
+  """Runs main.py to its end; returns (exit code, combined output)."""
+  proc, log = _start(workdir, *args)
+  rc = proc.wait(timeout=timeout)
+  return rc, _read(log)
+
+
+def _wait_for_line(proc, log, pattern, timeout=300):
+  """Polls the log until ``pattern`` matches; fails if the process ends first."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    m = re.search(pattern, _read(log))
+    if m:
+      return m
+    assert proc.poll() is None, f"ended (rc {proc.returncode}) before {pattern!r}:\n" + _read(log)[-3000:]
+    time.sleep(0.005)
+  proc.kill()
+  raise AssertionError(f"no {pattern!r} within {timeout} s:\n" + _read(log)[-3000:])
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints, read in this process
+# ----------------------------------------------------------------------------
+
+_TARGET = {}
+
+
+def _target():
+  if not _TARGET:
+    config = test_config.get_config()
+    model, tx = train.build_model(config), train.create_optimizer(config.optim)
+    _TARGET["state"] = jax.device_get(train.create_train_state(config, model, tx))
+  return _TARGET["state"]
+
+
+def load(workdir, step=None):
+  """The state of checkpoint ``step`` (None: what resuming would restore), as numpy."""
+  config = test_config.get_config()
+  manager = checkpoint.create_manager(workdir, read_only=True)
+  if step is None:
+    state = checkpoint.restore_train_state(manager, _target(), config)
+    return None if state is None else jax.device_get(state)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  t = _target()
+  out = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract({"step": t.step, "params": t.params,
+                                               "opt_state": t.opt_state, "rng": t.rng})),
+      ema_params=ocp.args.StandardRestore(abstract(t.ema_params))))
+  core = out["state"]
+  return jax.device_get(train.TrainState(step=core["step"], params=core["params"],
+                                         ema_params=out["ema_params"],
+                                         opt_state=core["opt_state"], rng=core["rng"]))
+
+
+def assert_states_equal(a, b):
+  """Step, params, EMA, optimizer state and rng agree bit for bit."""
+  assert int(a.step) == int(b.step)
+  for name in ("params", "ema_params", "opt_state", "rng"):
+    la, lb = jax.tree.leaves(getattr(a, name)), jax.tree.leaves(getattr(b, name))
+    assert len(la) == len(lb) and la, name
+    for x, y in zip(la, lb):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+
+
+def tree_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def all_finite(tree):
+  return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The uninterrupted run: STEPS steps, a checkpoint after every one, all kept."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  rc, out = _run(workdir, "--config.training.checkpoint_every_steps=1",
+                 "--config.training.keep_checkpoints=100", "--config.training.log_every_steps=1")
+  assert rc == 0, out[-3000:]
+  assert complete_steps(workdir) == list(range(1, STEPS + 1))
+  final = load(workdir)
+  assert int(final.step) == STEPS and all_finite(final.params)
+  return workdir, final
+
+
+# ----------------------------------------------------------------------------
+# Preemption (SIGTERM) and kills (SIGKILL)
+# ----------------------------------------------------------------------------
+
+def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(tmp_path, reference):
+  ref_dir, ref_final = reference
+  workdir = str(tmp_path / "run")
+  args = ("--config.training.checkpoint_every_steps=4", "--config.training.log_every_steps=1")
+  proc, log = _start(workdir, *args)
+  _wait_for_line(proc, log, rf"step 1/{STEPS} ")
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0, _read(log)[-3000:]
+  out = _read(log)
+  m = re.search(r"Signal 15 received: checkpointing step (\d+) and stopping", out)
+  assert m, out[-3000:]
+  stopped = int(m.group(1))
+  assert 1 <= stopped < STEPS, "the signal came too late to interrupt the run"
+  assert f"Checkpoint at step {stopped} written" in out
+  assert "Traceback" not in out
+  # The checkpoint of the step it stopped at is complete and is the reference's state there.
+  assert max(complete_steps(workdir)) == stopped
+  assert_states_equal(load(workdir), load(ref_dir, stopped))
+
+  rc, out = _run(workdir, *args)
+  assert rc == 0, out[-3000:]
+  assert f"Resumed from the checkpoint at step {stopped} " in out
+  assert_states_equal(load(workdir), ref_final)
+
+
+KILL_SEED = int(os.environ.get("DDPM_TEST_KILL_SEED", "1"))
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_bitwise(tmp_path, reference):
+  """SIGKILL while the k-th checkpoint is being written (k and a delay drawn from a seed)."""
+  _, ref_final = reference
+  rng = random.Random(KILL_SEED)
+  k, delay = rng.randint(2, 8), rng.uniform(0.0, 0.03)
+  workdir = str(tmp_path / "run")
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  # keep_checkpoints=2: old checkpoints are being deleted too while it is killed.
+  args = ("--config.training.checkpoint_every_steps=1", "--config.training.keep_checkpoints=2",
+          "--config.training.log_every_steps=1")
+  proc, log = _start(workdir, *args)
+  seen = set()
+  deadline = time.time() + 300
+  while len(seen) < k:
+    assert proc.poll() is None, f"ended before the kill (rc {proc.returncode}):\n" + _read(log)[-3000:]
+    assert time.time() < deadline, _read(log)[-3000:]
+    try:
+      seen.update(n.split(".")[0] for n in os.listdir(ckpt_dir) if ".orbax-checkpoint-tmp" in n)
+    except FileNotFoundError:
+      pass
+    time.sleep(0.0005)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(timeout=60) == -signal.SIGKILL
+  complete = complete_steps(workdir)
+  unfinished = [n for n in os.listdir(ckpt_dir) if ".orbax-checkpoint-tmp" in n]
+  assert complete and max(complete) < STEPS
+  newest = max(complete)
+  if not any(n.split(".")[0].isdigit() and int(n.split(".")[0]) > newest for n in unfinished):
+    # The kill fell just after a write: leave a half-written newer checkpoint as a kill
+    # a moment earlier would have (its state item copied, no meta, no commit).
+    fake = os.path.join(ckpt_dir, f"{newest + 1}.orbax-checkpoint-tmp-0")
+    shutil.copytree(os.path.join(ckpt_dir, str(newest), "state"), os.path.join(fake, "state"))
+    unfinished.append(os.path.basename(fake))
+  print(f"seed {KILL_SEED}: killed during write #{k} (+{delay * 1e3:.1f} ms); complete "
+        f"{complete}, unfinished {unfinished}")
+
+  rc, out = _run(workdir, *args)
+  assert rc == 0, out[-3000:]
+  # The newest complete checkpoint is taken; the unfinished write is neither read nor kept.
+  assert f"Resumed from the checkpoint at step {newest} " in out
+  assert "could not be read" not in out
+  assert not [n for n in os.listdir(ckpt_dir) if ".orbax-checkpoint-tmp" in n]
+  assert_states_equal(load(workdir), ref_final)
+
+
+# ----------------------------------------------------------------------------
+# Damaged checkpoints
+# ----------------------------------------------------------------------------
+
+def _data_files(step_dir, item):
+  files = glob.glob(os.path.join(step_dir, item, "ocdbt.process_0", "d", "*"))
+  return sorted(files, key=os.path.getsize, reverse=True)
+
+
+def _flip_bytes(path, n=8):
+  """Flips the lowest bit of n bytes in the middle of ``path``: the size stays the same."""
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    mid = len(data) // 2
+    for i in range(mid, mid + n):
+      data[i] ^= 0x01
+    f.seek(0)
+    f.write(data)
+
+
+def _truncate_all(step_dir):
+  for path in glob.glob(os.path.join(step_dir, "**"), recursive=True):
+    if os.path.isfile(path):
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _delete_data(step_dir):
+  for path in _data_files(step_dir, "ema_params"):
+    os.remove(path)
+
+
+CORRUPTIONS = {
+    "truncated": _truncate_all,
+    "data_file_deleted": _delete_data,
+    # Same size, plausible bytes: orbax/tensorstore read it without complaint; the
+    # checksum stored in the meta item is what catches it.
+    "params_bits_flipped": lambda d: _flip_bytes(_data_files(d, "state")[0]),
+    "ema_bits_flipped": lambda d: _flip_bytes(_data_files(d, "ema_params")[0]),
+    "meta_overwritten": lambda d: open(os.path.join(d, "meta", "metadata"), "w").write("{garbage"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_damaged_newest_checkpoint_is_never_loaded(tmp_path, reference, how, caplog):
+  ref_dir, _ = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_dir, workdir)
+  CORRUPTIONS[how](os.path.join(checkpoint.checkpoint_dir(workdir), str(STEPS)))
+  with caplog.at_level("WARNING"):
+    state = load(workdir)
+  assert int(state.step) == STEPS - 1
+  assert_states_equal(state, load(ref_dir, STEPS - 1))
+  assert f"Checkpoint at step {STEPS} could not be read" in caplog.text
+
+
+def test_resume_over_a_damaged_checkpoint_replays_to_the_same_state(tmp_path, reference):
+  """Bits flipped in the newest checkpoint's parameters: warning, fallback, same result."""
+  ref_dir, ref_final = reference
+  workdir = str(tmp_path / "run")
+  shutil.copytree(ref_dir, workdir)
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  CORRUPTIONS["params_bits_flipped"](os.path.join(ckpt_dir, str(STEPS)))
+  rc, out = _run(workdir, "--config.training.checkpoint_every_steps=1",
+                 "--config.training.keep_checkpoints=100")
+  assert rc == 0, out[-3000:]
+  assert (f"Checkpoint at step {STEPS} could not be read (CorruptCheckpointError: state fails "
+          "its checksum") in out
+  aside = os.path.join(workdir, "checkpoints.unreadable", str(STEPS))
+  assert f"moved the unreadable checkpoint of step {STEPS} to {aside}" in out
+  assert f"Resumed from the checkpoint at step {STEPS - 1} " in out
+  assert os.path.isdir(aside)  # kept for inspection, out of the way
+  assert "Traceback" not in out and "Event loop is closed" not in out
+  # Step STEPS was trained again from step STEPS - 1: the same bits as the first time.
+  assert_states_equal(load(workdir), ref_final)
+
+
+# ----------------------------------------------------------------------------
+# Non-finite steps
+# ----------------------------------------------------------------------------
+
+POISON = ("--config.training.num_train_steps=8", "--config.training.debug_poison_step=5")
+
+
+def _error_lines(out):
+  return [line for line in out.splitlines() if line.startswith("error:")]
+
+
+def test_nan_policy_stop_exits_1_naming_the_step_and_the_intact_checkpoint(tmp_path, reference):
+  ref_dir, _ = reference
+  workdir = str(tmp_path / "run")
+  # checkpoint_every_steps=2, log_every_steps=2 (configs/test.py)
+  rc, out = _run(workdir, *POISON, "--config.training.nan_policy=stop")
+  assert rc == 1, out[-3000:]
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  # debug_poison_step counts from 0: the batch of step index 5 is the 6th update, and
+  # steps are logged 1-based ("step 6/8" is the state after 6 updates).
+  assert _error_lines(out) == [
+      "error: stopped at step 6 after 1 non-finite step(s) in a row "
+      "(training.nan_policy='stop', training.max_consecutive_nonfinite=10); "
+      f"the last good checkpoint, step 4 in {ckpt_dir}, is intact"]
+  assert "Non-finite loss or gradients at step 6 " in out
+  assert "Traceback" not in out
+  assert complete_steps(workdir) == [2, 4]
+  state = load(workdir)
+  assert int(state.step) == 4 and all_finite(state.params) and all_finite(state.ema_params)
+  assert_states_equal(state, load(ref_dir, 4))
+
+
+def test_nan_policy_skip_drops_the_update_and_finishes(tmp_path, reference):
+  ref_dir, _ = reference
+  workdir = str(tmp_path / "run")
+  rc, out = _run(workdir, *POISON, "--config.training.nan_policy=skip",
+                 "--config.training.checkpoint_every_steps=1",
+                 "--config.training.keep_checkpoints=100")
+  assert rc == 0, out[-3000:]
+  assert re.search(r"Non-finite loss or gradients at step 6 \(loss nan, grad norm nan\): "
+                   r"update skipped\.", out), out[-3000:]
+  assert len(re.findall("Non-finite loss", out)) == 1
+  before, skipped, after = load(workdir, 5), load(workdir, 6), load(workdir, 7)
+  assert_states_equal(before, load(ref_dir, 5))  # untouched up to the poisoned batch
+  assert int(skipped.step) == 6
+  for name in ("params", "ema_params", "opt_state", "rng"):  # the update was dropped
+    assert tree_equal(getattr(skipped, name), getattr(before, name)), name
+  assert not tree_equal(after.params, skipped.params)  # and training went on
+  final = load(workdir)
+  assert int(final.step) == 8 and all_finite(final.params) and all_finite(final.ema_params)
+
+
+def test_nan_policy_skip_stops_after_max_consecutive_nonfinite(tmp_path):
+  workdir = str(tmp_path / "run")
+  rc, out = _run(workdir, *POISON, "--config.training.nan_policy=skip",
+                 "--config.training.max_consecutive_nonfinite=1")
+  assert rc == 1, out[-3000:]
+  assert _error_lines(out) == [
+      "error: stopped at step 6 after 1 non-finite step(s) in a row "
+      "(training.nan_policy='skip', training.max_consecutive_nonfinite=1); "
+      f"the last good checkpoint, step 4 in {checkpoint.checkpoint_dir(workdir)}, is intact"]
+  assert "Traceback" not in out
+  assert all_finite(load(workdir).params)
