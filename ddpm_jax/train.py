@@ -364,13 +364,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     per_device = -(-tcfg.num_grid_samples // d)
     sample_fn = generate.make_p_sample(model, build_sampling_diffusion(config), config, per_device)
 
-  def save(p_state, final=False):
-    host = unreplicate(p_state)
-    checkpoint.save(manager, host, config)
-    if final:
-      manager.wait_until_finished()
-    logging.info("Checkpoint at step %d written to %s", int(host.step), manager.directory)
-
   stop = _StopFlag().install()
   step = start_step
   last_good = manager.latest_step()
@@ -397,7 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 f"stopped at step {first + i + 1} after {bad_in_a_row} non-finite step(s) in a "
                 f"row (training.nan_policy={tcfg.nan_policy!r}, "
                 f"training.max_consecutive_nonfinite={tcfg.max_consecutive_nonfinite}); "
-                f"the last good checkpoint, step {last_good} in {manager.directory}, is intact")
+                + (f"the last good checkpoint, step {last_good} in {manager.directory}, is intact"
+                   if last_good is not None else "no checkpoint had been written yet"))
       for k, v in m.items():
         sums[k] = sums.get(k, 0.0) + float(np.sum(v))
       count += len(m["loss"])
