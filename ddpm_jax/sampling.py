@@ -52,6 +52,16 @@ def _scan_steps(step_fn, x, T: int, return_every: Optional[int]):
   return x, dict(x_t=xs, pred_xstart=x0s, t=ts.reshape(-1, return_every)[:, -1])
 
 
+def _step_inputs(diffusion, model_fn, x, t_scalar, key, clip_denoised):
+  """What a reverse step at t needs: t [B], p_mean_variance's dict, the step's noise
+  z [B, ...] from fold_in(key, t), and 0/1 for whether noise is added (not at t = 0)."""
+  t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+  out = diffusion.p_mean_variance(diffusion._call_model(model_fn, x, t), x, t,
+                                  clip_denoised=clip_denoised)
+  z = jax.random.normal(jax.random.fold_in(key, t_scalar), x.shape)
+  return t, out, z, (t_scalar > 0).astype(x.dtype)
+
+
 def ancestral_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn,
                           shape: Sequence[int], key: jax.Array, clip_denoised: bool = True,
                           noise: Optional[jax.Array] = None,
@@ -75,11 +85,7 @@ def ancestral_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn,
   x = jax.random.normal(jax.random.fold_in(key, T), shape) if noise is None else noise
 
   def step(x, t_scalar):
-    t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
-    out = diffusion.p_mean_variance(diffusion._call_model(model_fn, x, t), x, t,
-                                    clip_denoised=clip_denoised)
-    z = jax.random.normal(jax.random.fold_in(key, t_scalar), shape)
-    nonzero = (t_scalar > 0).astype(x.dtype)  # no noise at the last step
+    _, out, z, nonzero = _step_inputs(diffusion, model_fn, x, t_scalar, key, clip_denoised)
     return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * z, out["pred_xstart"]
 
   x, traj = _scan_steps(step, x, T, return_every)
@@ -100,17 +106,13 @@ def ddim_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, shape: Seq
   x = jax.random.normal(jax.random.fold_in(key, T), shape) if noise is None else noise
 
   def step(x, t_scalar):
-    t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
-    out = diffusion.p_mean_variance(diffusion._call_model(model_fn, x, t), x, t,
-                                    clip_denoised=clip_denoised)
+    t, out, z, nonzero = _step_inputs(diffusion, model_fn, x, t_scalar, key, clip_denoised)
     x0 = out["pred_xstart"]
     eps = diffusion.predict_eps_from_xstart(x, t, x0)
     ab = _extract(diffusion.alphas_cumprod, t, x.ndim)
     ab_prev = _extract(diffusion.alphas_cumprod_prev, t, x.ndim)
     sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
     mean = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1 - ab_prev - sigma ** 2) * eps
-    z = jax.random.normal(jax.random.fold_in(key, t_scalar), shape)
-    nonzero = (t_scalar > 0).astype(x.dtype)
     return mean + nonzero * sigma * z, x0
 
   x, traj = _scan_steps(step, x, T, return_every)
