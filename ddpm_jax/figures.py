@@ -170,7 +170,7 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
 
   preds, ts, _ = jax.device_get(progressive(params, jax.random.fold_in(key, 0)))
   prog_path = os.path.join(out_dir, f"progressive_step{step}.png")
-  save_tile_grid(prog_path, image_utils.to_uint8(preds))
+  save_tile_grid(prog_path, input_pipeline.to_uint8(preds))
   logging.info("Wrote %s (%d samples x %d timesteps %s)", prog_path, rows, len(ts), list(ts))
 
   images = input_pipeline.load_split_array(config.data, config.data.eval_split,
@@ -188,7 +188,7 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
 
   mixed = np.asarray(jax.device_get(interp(params, x[0::2], x[1::2], lambdas,
                                            jax.random.fold_in(key, 1))))
-  tiles = np.concatenate([images[0::2, None], image_utils.to_uint8(mixed), images[1::2, None]],
+  tiles = np.concatenate([images[0::2, None], input_pipeline.to_uint8(mixed), images[1::2, None]],
                          axis=1)  # [P, 1 + L + 1, H, W, C]
   interp_path = os.path.join(out_dir, f"interpolation_step{step}.png")
   save_tile_grid(interp_path, tiles)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import image_utils, sampling
+from ddpm_jax import image_utils, input_pipeline, sampling
 from ddpm_jax.train import AXIS, make_model_fn
 
 
@@ -51,7 +51,7 @@ def generate(p_sample, replicated_params, num_samples: int, per_call: int, seed:
     keys = jnp.broadcast_to(key, (d,) + key.shape)
     imgs = p_sample(replicated_params, keys)
     imgs = np.asarray(jax.device_get(imgs)).reshape((-1,) + imgs.shape[2:])
-    out.append(image_utils.to_uint8(imgs))
+    out.append(input_pipeline.to_uint8(imgs))
     if log_progress:
       done = (i - first_call + 1) * per_call
       rate = done / (time.time() - start)

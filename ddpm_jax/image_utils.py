@@ -9,11 +9,6 @@ import numpy as np
 from PIL import Image
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-  """[..., H, W, C] float in [-1, 1] -> uint8 in [0, 255] (clipped, rounded)."""
-  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
   """Tiles images [N, H, W, C] uint8 into one [rows*(H+pad)+pad, ncol*(W+pad)+pad, C] image."""
   images = np.asarray(images)
