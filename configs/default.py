@@ -84,6 +84,7 @@ def get_config():
   sampling.batch_size = 256       # images per sampling call over all local devices
   sampling.checkpoint_step = -1   # -1: latest checkpoint; otherwise that step
   sampling.seed = 1               # seed of the sampler noise
+  sampling.cpu_compile_options = True  # CPU only: compile samplers and eval_bpd with ddpm_jax.compile_options (faster)
 
   # ---- evaluation (--mode=eval_bpd, eval_fid) ----
   config.eval = ev = ml_collections.ConfigDict()

@@ -166,6 +166,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _require(s.batch_size % num_local_devices == 0, "sampling.batch_size", s.batch_size,
            f"must be divisible by the number of local devices ({num_local_devices})")
   _int(config, "sampling.checkpoint_step", -1)
+  _require(isinstance(s.cpu_compile_options, bool), "sampling.cpu_compile_options",
+           s.cpu_compile_options, "must be True or False")
 
   # evaluation
   _int(config, "eval.batch_size", 1)

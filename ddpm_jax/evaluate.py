@@ -57,7 +57,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import input_pipeline, metrics, train
+from ddpm_jax import compile_options, input_pipeline, metrics, train
 from ddpm_jax.train import AXIS
 
 EVAL_DIR = "eval"
@@ -156,12 +156,14 @@ def example_bpd_key(seed: int, index) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
 
-def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool):
+def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool, cpu_compile_options: bool = True):
   """pmap-ed bound: (params [D...], x0 [D, b, H, W, C], index [D, b] int32) -> dict.
 
   Each example runs ``diffusion.calc_bpd_loop`` on its own with the key
   ``example_bpd_key(seed, index)`` (vmapped, so the network still sees batches
   of b). Returns total_bpd, prior_bpd [D, b] and terms_bpd, xstart_mse [D, b, T].
+  On CPU it is compiled with ``compile_options.forward_options`` unless
+  ``cpu_compile_options`` is False.
   """
   base_key = jax.random.PRNGKey(seed)
 
@@ -174,7 +176,8 @@ def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool):
       return jax.tree.map(lambda a: a[0], out)
     return jax.vmap(one)(x0, index)
 
-  return jax.pmap(one_device, axis_name=AXIS)
+  return compile_options.CompiledWithOptions(
+      jax.pmap(one_device, axis_name=AXIS), compile_options.forward_options(cpu_compile_options))
 
 
 def _bpd_paths(workdir: str, step: int) -> dict:
@@ -301,7 +304,7 @@ def run_eval_bpd(config, workdir: str) -> dict:
                + np.arange(per_process, dtype=np.int32)).reshape(d, per_device)
       yield k, x, index, mask
 
-  p_bpd = make_p_bpd(model, diffusion, seed, clip)
+  p_bpd = make_p_bpd(model, diffusion, seed, clip, config.sampling.cpu_compile_options)
   p_params = train.replicate(params)
   pending = collections.deque()
 

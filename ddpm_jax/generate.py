@@ -11,14 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import image_utils, input_pipeline, sampling
+from ddpm_jax import compile_options, image_utils, input_pipeline, sampling
 from ddpm_jax.train import AXIS, make_model_fn
 
 
 def make_p_sample(model, diffusion, config, per_device_batch: int):
   """pmap-ed sampler: (params [D...], key [D, 2]) -> images [D, b, H, W, C] in [-1, 1].
 
-  One sampler call walks all steps of ``diffusion`` in a single lax.scan.
+  One sampler call walks all steps of ``diffusion`` in a single lax.scan. On CPU
+  it is compiled with ``compile_options.forward_options`` unless
+  ``config.sampling.cpu_compile_options`` is False.
   """
   s = config.sampling
   shape = (per_device_batch, config.data.image_size, config.data.image_size, config.data.channels)
@@ -32,7 +34,8 @@ def make_p_sample(model, diffusion, config, per_device_batch: int):
     return sampling.ancestral_sample_loop(diffusion, model_fn, shape, key,
                                           clip_denoised=s.clip_denoised)
 
-  return jax.pmap(sample, axis_name=AXIS)
+  return compile_options.CompiledWithOptions(
+      jax.pmap(sample, axis_name=AXIS), compile_options.forward_options(s.cpu_compile_options))
 
 
 def generate(p_sample, replicated_params, num_samples: int, per_call: int, seed: int,
