@@ -579,8 +579,15 @@ def _sample_tag(config, step: int) -> str:
   return f"step{step}_{config.sampling.sampler}{n}"
 
 
-def find_existing_samples(workdir: str, tag: str, num: int) -> Optional[str]:
-  """A samples_{tag}*.npz in workdir/samples with >= num images (the largest), or None."""
+def find_existing_samples(workdir: str, tag: str, num: int,
+                          settings: Optional[dict] = None) -> Optional[str]:
+  """A samples_{tag}*.npz in workdir/samples with >= num images (the largest), or None.
+
+  With ``settings`` (``generate.sampler_settings``), only files that stored the
+  same settings count: samples drawn with another eta, clipping or seed, or
+  files from before settings were stored, are not reused.
+  """
+  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
   best, best_n = None, -1
   for path in glob.glob(os.path.join(workdir, "samples", f"samples_{tag}*.npz")):
     rest = os.path.basename(path)[len(f"samples_{tag}"):-len(".npz")]
@@ -589,7 +596,11 @@ def find_existing_samples(workdir: str, tag: str, num: int) -> Optional[str]:
     try:
       with np.load(path, allow_pickle=False) as z:
         count = z["images"].shape[0]
+        stored = generate.read_settings(z)
     except Exception:  # pylint: disable=broad-except
+      continue
+    if settings is not None and stored != settings:
+      logging.info("Not reusing %s: drawn with %s, the config asks for %s", path, stored, settings)
       continue
     if count >= num and count > best_n:
       best, best_n = path, count
@@ -612,8 +623,11 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
     raise ValueError(f"config.sampling.batch_size={per_call} must be divisible by the number "
                      f"of local devices ({d})")
   diffusion = train.build_sampling_diffusion(config)
+  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
   tag = _sample_tag(config, step)
-  chunk_dir = os.path.join(eval_dir(workdir), f"fid_chunks_{tag}_seed{s.seed}_bs{per_call}")
+  settings = generate.sampler_settings(config, diffusion.num_timesteps)
+  chunk_dir = os.path.join(eval_dir(workdir), f"fid_chunks_{tag}_eta{settings['eta']:g}_clip"
+                           f"{int(settings['clip_denoised'])}_seed{s.seed}_bs{per_call}")
   os.makedirs(chunk_dir, exist_ok=True)
   pcount, pindex = jax.process_count(), jax.process_index()
   num_local = -(-num // pcount)
@@ -654,7 +668,8 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
   images = images[:num]
   path = None
   if _is_chief():
-    npz, _ = generate.write_samples(os.path.join(workdir, "samples"), images, f"{tag}_fid{num}")
+    npz, _ = generate.write_samples(os.path.join(workdir, "samples"), images, f"{tag}_fid{num}",
+                                    settings)
     path = npz
     shutil.rmtree(chunk_dir, ignore_errors=True)
   return images, path
@@ -688,8 +703,10 @@ def run_eval_fid(config, workdir: str) -> dict:
   # The extractor first: a missing Inception file fails before any sampling.
   extractor = get_feature_extractor(config)
   model, params, step = restore_ema(config, workdir)
+  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
   tag = _sample_tag(config, step)
-  existing = find_existing_samples(workdir, tag, num)
+  settings = generate.sampler_settings(config, train.build_sampling_diffusion(config).num_timesteps)
+  existing = find_existing_samples(workdir, tag, num, settings)
   if existing is not None:
     with np.load(existing, allow_pickle=False) as z:
       images = np.asarray(z["images"][:num])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+from typing import Optional
 import time
 
 from absl import logging
@@ -63,12 +65,33 @@ def generate(p_sample, replicated_params, num_samples: int, per_call: int, seed:
   return np.concatenate(out)[:num_samples]
 
 
-def write_samples(directory: str, images: np.ndarray, tag: str) -> tuple[str, str]:
-  """Writes samples_{tag}.npz (key 'images', uint8 NHWC) and grid_{tag}.png."""
+def sampler_settings(config, num_timesteps: int) -> dict:
+  """What decides the images besides the weights: sampler, steps, eta, clipping, seed.
+
+  Stored in every samples file (key 'settings', JSON) so that eval_fid reuses
+  only samples drawn the way the config asks.
+  """
+  s = config.sampling
+  return dict(sampler=s.sampler, num_timesteps=int(num_timesteps),
+              eta=float(s.eta) if s.sampler == "ddim" else 0.0,
+              clip_denoised=bool(s.clip_denoised), seed=int(s.seed))
+
+
+def read_settings(npz_file) -> Optional[dict]:
+  """The 'settings' dict of an open samples .npz, or None for files without one."""
+  if "settings" not in npz_file:
+    return None
+  return json.loads(str(npz_file["settings"]))
+
+
+def write_samples(directory: str, images: np.ndarray, tag: str,
+                  settings: Optional[dict] = None) -> tuple[str, str]:
+  """Writes samples_{tag}.npz (key 'images', uint8 NHWC; 'settings', JSON) and grid_{tag}.png."""
   os.makedirs(directory, exist_ok=True)
   npz = os.path.join(directory, f"samples_{tag}.npz")
   png = os.path.join(directory, f"grid_{tag}.png")
-  np.savez(npz, images=images)
+  extra = {} if settings is None else {"settings": np.asarray(json.dumps(settings, sort_keys=True))}
+  np.savez(npz, images=images, **extra)
   image_utils.save_grid(png, images[:256])
   return npz, png
 
@@ -104,6 +127,7 @@ def run_sample(config, workdir: str) -> str:
   tag = f"step{step}_{s.sampler}{diffusion.num_timesteps}"
   if jax.process_count() > 1:
     tag += f"_process{jax.process_index()}"
-  npz, png = write_samples(os.path.join(workdir, "samples"), images, tag)
+  npz, png = write_samples(os.path.join(workdir, "samples"), images, tag,
+                           sampler_settings(config, diffusion.num_timesteps))
   logging.info("Wrote %s and %s", npz, png)
   return npz

@@ -1,5 +1,6 @@
 """Evaluation modes (bits/dim, FID/IS) and the paper's figures, on the tiny digits config."""
 
+import copy
 import json
 import os
 import shutil
@@ -210,8 +211,8 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   workdir = fresh_workdir(tmp_path, trained)
   # A chunk left by an interrupted run (call 0, 32 images): it must be used, not redrawn.
   tag = f"step{STEP}_ancestral{config.diffusion.num_timesteps}"
-  chunk_dir = os.path.join(workdir, "eval",
-                           f"fid_chunks_{tag}_seed{config.sampling.seed}_bs{config.sampling.batch_size}")
+  chunk_dir = os.path.join(workdir, "eval", f"fid_chunks_{tag}_eta0_clip1_seed"
+                           f"{config.sampling.seed}_bs{config.sampling.batch_size}")
   os.makedirs(chunk_dir)
   sentinel = np.full((32, 8, 8, 1), 77, np.uint8)
   np.savez(os.path.join(chunk_dir, "call_000000.npz"), images=sentinel)
@@ -252,6 +253,18 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   assert second["samples_reused"] is True and second["samples_file"] == written["samples_file"]
   assert [os.stat(p).st_mtime_ns for p in stats] == mtimes
   np.testing.assert_allclose(second["fid_train"], first["fid_train"], rtol=1e-9)
+
+  # Samples drawn another way (here: without clipping) are not reused, and say how they were drawn.
+  with np.load(written["samples_file"]) as z:
+    assert json.loads(str(z["settings"])) == dict(
+        sampler="ancestral", num_timesteps=config.diffusion.num_timesteps, eta=0.0,
+        clip_denoised=True, seed=config.sampling.seed)
+  unclipped = copy.deepcopy(config)
+  unclipped.sampling.clip_denoised = False
+  third = evaluate.run_eval_fid(unclipped, workdir)
+  assert third["samples_reused"] is False
+  with np.load(third["samples_file"]) as z:
+    assert json.loads(str(z["settings"]))["clip_denoised"] is False
 
 
 def test_fid_of_real_heldout_digits_is_far_below_that_of_noise(tmp_path):
