@@ -1,0 +1,143 @@
+"""Where the time of one train step (or one network forward) goes, by kind of operation.
+
+  python benchmarks/profile_step.py --config=configs/cifar10.py \
+      --config.training.batch_size=8 [--what=train|forward] [--calls=2]
+
+Runs the real pmap-ed program a few times under ``jax.profiler``, reads the
+trace, and adds up the time of every executed HLO operation (thunk) by kind:
+convolutions split into forward / input-gradient (3x3 or 1x1 windows) and
+weight-gradient (any other window: the whole image), dots, other YNNPACK
+fusions (reductions), all-reduce, copies, and XLA's own fusions by the name
+XLA gives them. Prints a table on stderr and one JSON line on stdout. Times
+are per device and per call; devices run at the same time, so the sum can be
+close to the wall time of a call but is not the same thing.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+flags.DEFINE_enum("what", "train", ["train", "forward"], "The train step or one network forward.")
+flags.DEFINE_integer("calls", 2, "Profiled calls (after two untimed ones).")
+flags.DEFINE_integer("top", 15, "Rows of the table.")
+flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
+flags.mark_flags_as_required(["config"])
+
+_HOST_EVENTS = ("ThunkExecutor", "Pjit", "$", "Common", "Wait", "Rendezvous", "[", "end:",
+                "Handle", "Allocate", "SlinkyThreadPool", "cpp_pjit", "shard_args", "ThreadpoolListener",
+                "PythonRefManager", "InvokeRendezvous", "ParseArguments")
+
+
+def kind_of(name: str, hlo: str) -> str:
+  """The kind of the HLO operation ``name`` in the compiled module text ``hlo``."""
+  m = re.search(r"\n\s*(?:ROOT )?%?" + re.escape(name) + r" = [^\n]*", hlo)
+  if m is None:
+    return name.split(".")[0]
+  line = m.group(0)
+  called = re.search(r"calls=%?([\w.\-]+)", line)
+  body = line
+  if called:
+    b = re.search(r"\n%?" + re.escape(called.group(1)) + r" [^\n]*\{\n(.*?)\n\}", hlo, re.S)
+    body = b.group(1) if b else line
+  if " convolution(" in body:
+    window = re.search(r"window=\{size=(\w+)", body)
+    size = window.group(1) if window else "?"
+    if size in ("3x3", "1x1"):
+      return f"convolution forward / input-gradient ({size})"
+    return "convolution weight-gradient"
+  if " dot(" in body:
+    return "dot"
+  if name.startswith("ynn_fusion"):
+    return "YNNPACK fusion (reduce / elementwise)"
+  return name.split(".")[0]
+
+
+def main(argv):
+  del argv
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices or os.cpu_count() or 1)
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import compile_options, config_validation, input_pipeline, train  # pylint: disable=g-import-not-at-top
+
+  config = FLAGS.config
+  config_validation.validate(config, jax.device_count(), jax.local_device_count())
+  d = jax.local_device_count()
+  model = train.build_model(config)
+  if FLAGS.what == "train":
+    diffusion = train.build_diffusion(config)
+    tx = train.create_optimizer(config.optim)
+    state = train.replicate(train.create_train_state(config, model, tx))
+    fn = train.make_p_train_step(model, diffusion, tx, config)
+    n, b = config.training.steps_per_call, config.training.batch_size // d
+    batch = next(input_pipeline.prefetch_to_device(iter([np.random.default_rng(0).uniform(
+        -1, 1, (d, n, b) + train.image_shape(config)).astype(np.float32)]), 1))
+    compiled = fn.lower(state, batch).compile()
+    args = [state, batch]
+
+    def call():
+      args[0], metrics = compiled(*args)
+      return metrics
+  else:
+    params = jax.jit(functools.partial(train.init_params, model, config))(jax.random.PRNGKey(0))
+    b = config.sampling.batch_size // d
+    x = jnp.zeros((d, b) + train.image_shape(config), jnp.float32)
+    t = jnp.full((d, b), config.diffusion.num_timesteps // 2, jnp.int32)
+    fn = compile_options.CompiledWithOptions(
+        jax.pmap(lambda p, x, t: model.apply({"params": p}, x, t, train=False)),
+        compile_options.forward_options(config.sampling.cpu_compile_options))
+    p_params = train.replicate(params)
+    compiled = fn.compile(p_params, x, t)
+
+    def call():
+      return compiled(p_params, x, t)
+
+  for _ in range(2):
+    jax.block_until_ready(call())
+  with tempfile.TemporaryDirectory() as log_dir:
+    start = time.perf_counter()
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      for _ in range(FLAGS.calls):
+        out = call()
+      jax.block_until_ready(out)
+    wall = (time.perf_counter() - start) / FLAGS.calls
+    trace_file = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+    with gzip.open(trace_file) as f:
+      events = json.load(f)["traceEvents"]
+  hlo = compiled.as_text()
+  totals = collections.defaultdict(float)
+  for e in events:
+    if e.get("ph") != "X" or e["name"].startswith(_HOST_EVENTS):
+      continue
+    totals[kind_of(e["name"], hlo)] += e.get("dur", 0.0) / 1e3 / FLAGS.calls / d  # ms
+  total = sum(totals.values())
+  rows = sorted(totals.items(), key=lambda kv: -kv[1])
+  print(f"{'ms/call/device':>14} {'share':>6}  kind", file=sys.stderr)
+  for kind, ms in rows[:FLAGS.top]:
+    print(f"{ms:14.1f} {100 * ms / total:5.1f}%  {kind}", file=sys.stderr)
+  print(f"{total:14.1f} 100.0%  all operations (wall time of a call: {wall * 1e3:.1f} ms)",
+        file=sys.stderr)
+  print(json.dumps(dict(what=FLAGS.what, devices=d, wall_ms=round(wall * 1e3, 2),
+                        ops_ms_per_device=round(total, 2),
+                        by_kind={k: round(v, 2) for k, v in rows})))
+
+
+if __name__ == "__main__":
+  app.run(main)
