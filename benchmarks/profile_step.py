@@ -28,6 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -68,27 +69,16 @@ def kind_of(name: str, hlo: str) -> str:
 
 def main(argv):
   del argv
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices or os.cpu_count() or 1)
+  bench_setup.use_all_cores(FLAGS.cpu_devices)
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import compile_options, config_validation, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import compile_options, config_validation, train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
-  config_validation.validate(config, jax.device_count(), jax.local_device_count())
   d = jax.local_device_count()
-  model = train.build_model(config)
   if FLAGS.what == "train":
-    diffusion = train.build_diffusion(config)
-    tx = train.create_optimizer(config.optim)
-    state = train.replicate(train.create_train_state(config, model, tx))
-    fn = train.make_p_train_step(model, diffusion, tx, config)
-    n, b = config.training.steps_per_call, config.training.batch_size // d
-    batch = next(input_pipeline.prefetch_to_device(iter([np.random.default_rng(0).uniform(
-        -1, 1, (d, n, b) + train.image_shape(config)).astype(np.float32)]), 1))
+    fn, state, batch = bench_setup.train_step_and_inputs(config)
     compiled = fn.lower(state, batch).compile()
     args = [state, batch]
 
@@ -96,6 +86,8 @@ def main(argv):
       args[0], metrics = compiled(*args)
       return metrics
   else:
+    config_validation.validate(config, jax.device_count(), d)
+    model = train.build_model(config)
     params = jax.jit(functools.partial(train.init_params, model, config))(jax.random.PRNGKey(0))
     b = config.sampling.batch_size // d
     x = jnp.zeros((d, b) + train.image_shape(config), jnp.float32)

@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -31,9 +32,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices or os.cpu_count() or 1)
+  bench_setup.use_all_cores(FLAGS.cpu_devices)
   import functools  # pylint: disable=g-import-not-at-top
   import statistics  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top

@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -47,28 +48,16 @@ def measure_matmul_peak(jax, jnp, n=2048, reps=10):
 
 def main(argv):
   del argv
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices or os.cpu_count() or 1)
+  bench_setup.use_all_cores(FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import config_validation, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
-  config_validation.validate(config, jax.device_count(), jax.local_device_count())
   d = jax.local_device_count()
   n = config.training.steps_per_call
-  b = config.training.batch_size // d
-  model = train.build_model(config)
-  diffusion = train.build_diffusion(config)
-  tx = train.create_optimizer(config.optim)
-  state = train.replicate(train.create_train_state(config, model, tx))
-  p_step = train.make_p_train_step(model, diffusion, tx, config)
-  rng = np.random.default_rng(0)
-  shape = (d, n, b) + train.image_shape(config)
-  batch = next(input_pipeline.prefetch_to_device(
-      iter([rng.uniform(-1, 1, shape).astype(np.float32)]), 1))
+  p_step, state, batch = bench_setup.train_step_and_inputs(config)
 
   t0 = time.perf_counter()
   compiled = p_step.lower(state, batch).compile()

@@ -1,0 +1,34 @@
+"""Setup shared by the benchmark scripts: host devices and the real train step's inputs."""
+
+import os
+
+
+def use_all_cores(cpu_devices: int = 0) -> None:
+  """One CPU host device per core (or ``cpu_devices``), as main.py does; before any JAX op.
+
+  An XLA_FLAGS device count set from outside wins.
+  """
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_num_cpu_devices", cpu_devices or os.cpu_count() or 1)
+
+
+def train_step_and_inputs(config):
+  """(pmap-ed train step, replicated state, one device-sharded batch of uniform noise images).
+
+  The batch is [D, steps_per_call, B / D, H, W, C], already on the devices.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config_validation, input_pipeline, train  # pylint: disable=g-import-not-at-top
+
+  config_validation.validate(config, jax.device_count(), jax.local_device_count())
+  d = jax.local_device_count()
+  model = train.build_model(config)
+  tx = train.create_optimizer(config.optim)
+  state = train.replicate(train.create_train_state(config, model, tx))
+  p_step = train.make_p_train_step(model, train.build_diffusion(config), tx, config)
+  shape = (d, config.training.steps_per_call, config.training.batch_size // d) + train.image_shape(config)
+  images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  batch = next(input_pipeline.prefetch_to_device(iter([images]), 1))
+  return p_step, state, batch
