@@ -32,3 +32,18 @@ def train_step_and_inputs(config):
   images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
   batch = next(input_pipeline.prefetch_to_device(iter([images]), 1))
   return p_step, state, batch
+
+
+def model_and_random_params(config):
+  """(U-Net, its randomly initialised parameters replicated over the local devices).
+
+  Throughput needs no trained weights.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config_validation, train  # pylint: disable=g-import-not-at-top
+
+  config_validation.validate(config, jax.device_count(), jax.local_device_count())
+  model = train.build_model(config)
+  params = jax.jit(functools.partial(train.init_params, model, config))(jax.random.PRNGKey(0))
+  return model, train.replicate(params)

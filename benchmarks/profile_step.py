@@ -70,10 +70,9 @@ def kind_of(name: str, hlo: str) -> str:
 def main(argv):
   del argv
   bench_setup.use_all_cores(FLAGS.cpu_devices)
-  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import compile_options, config_validation, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import compile_options, train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   d = jax.local_device_count()
@@ -86,16 +85,13 @@ def main(argv):
       args[0], metrics = compiled(*args)
       return metrics
   else:
-    config_validation.validate(config, jax.device_count(), d)
-    model = train.build_model(config)
-    params = jax.jit(functools.partial(train.init_params, model, config))(jax.random.PRNGKey(0))
+    model, p_params = bench_setup.model_and_random_params(config)
     b = config.sampling.batch_size // d
     x = jnp.zeros((d, b) + train.image_shape(config), jnp.float32)
     t = jnp.full((d, b), config.diffusion.num_timesteps // 2, jnp.int32)
     fn = compile_options.CompiledWithOptions(
         jax.pmap(lambda p, x, t: model.apply({"params": p}, x, t, train=False)),
         compile_options.forward_options(config.sampling.cpu_compile_options))
-    p_params = train.replicate(params)
     compiled = fn.compile(p_params, x, t)
 
     def call():

@@ -33,7 +33,6 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   bench_setup.use_all_cores(FLAGS.cpu_devices)
-  import functools  # pylint: disable=g-import-not-at-top
   import statistics  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -42,9 +41,7 @@ def main(argv):
   config = FLAGS.config
   d = jax.local_device_count()
   per_call = config.sampling.batch_size
-  model = train.build_model(config)
-  params = jax.jit(functools.partial(train.init_params, model, config))(jax.random.PRNGKey(0))
-  p_params = train.replicate(params)
+  model, p_params = bench_setup.model_and_random_params(config)
   for spec in FLAGS.samplers.split(","):
     name, steps = spec.split(":")
     config.sampling.sampler = name

@@ -79,10 +79,6 @@ class CompiledWithOptions:
       return self._fn(*args)
     return self.compile(*args)(*args)
 
-  def lower(self, *args):
-    """Lowers the wrapped function (for cost analysis); options apply at compile()."""
-    return self._fn.lower(*args)
-
   @property
   def options(self) -> Optional[dict]:
     return self._options

@@ -57,7 +57,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import compile_options, input_pipeline, metrics, train
+from ddpm_jax import compile_options, generate, input_pipeline, metrics, train
 from ddpm_jax.train import AXIS
 
 EVAL_DIR = "eval"
@@ -574,11 +574,6 @@ def get_reference_statistics(config, split: str, stats_dir: str,
 # Samples for FID
 # ----------------------------------------------------------------------------
 
-def _sample_tag(config, step: int) -> str:
-  n = train.build_sampling_diffusion(config).num_timesteps
-  return f"step{step}_{config.sampling.sampler}{n}"
-
-
 def find_existing_samples(workdir: str, tag: str, num: int,
                           settings: Optional[dict] = None) -> Optional[str]:
   """A samples_{tag}*.npz in workdir/samples with >= num images (the largest), or None.
@@ -587,7 +582,6 @@ def find_existing_samples(workdir: str, tag: str, num: int,
   same settings count: samples drawn with another eta, clipping or seed, or
   files from before settings were stored, are not reused.
   """
-  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
   best, best_n = None, -1
   for path in glob.glob(os.path.join(workdir, "samples", f"samples_{tag}*.npz")):
     rest = os.path.basename(path)[len(f"samples_{tag}"):-len(".npz")]
@@ -615,7 +609,6 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
   size. Each finished call is saved to workdir/eval/fid_chunks_{tag}/; a
   restarted run only draws the missing calls. Returns (images, path written).
   """
-  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
   s = config.sampling
   d = jax.local_device_count()
   per_call = int(s.batch_size)
@@ -623,8 +616,7 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
     raise ValueError(f"config.sampling.batch_size={per_call} must be divisible by the number "
                      f"of local devices ({d})")
   diffusion = train.build_sampling_diffusion(config)
-  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
-  tag = _sample_tag(config, step)
+  tag = generate.sample_tag(config, step, diffusion.num_timesteps)
   settings = generate.sampler_settings(config, diffusion.num_timesteps)
   chunk_dir = os.path.join(eval_dir(workdir), f"fid_chunks_{tag}_eta{settings['eta']:g}_clip"
                            f"{int(settings['clip_denoised'])}_seed{s.seed}_bs{per_call}")
@@ -703,9 +695,9 @@ def run_eval_fid(config, workdir: str) -> dict:
   # The extractor first: a missing Inception file fails before any sampling.
   extractor = get_feature_extractor(config)
   model, params, step = restore_ema(config, workdir)
-  from ddpm_jax import generate  # pylint: disable=g-import-not-at-top
-  tag = _sample_tag(config, step)
-  settings = generate.sampler_settings(config, train.build_sampling_diffusion(config).num_timesteps)
+  num_timesteps = train.build_sampling_diffusion(config).num_timesteps
+  tag = generate.sample_tag(config, step, num_timesteps)
+  settings = generate.sampler_settings(config, num_timesteps)
   existing = find_existing_samples(workdir, tag, num, settings)
   if existing is not None:
     with np.load(existing, allow_pickle=False) as z:
@@ -737,7 +729,7 @@ def run_eval_fid(config, workdir: str) -> dict:
       fid_train=float(fid_train), fid_test=float(fid_test), is_mean=float(is_mean),
       is_std=float(is_std), is_splits=splits, train_split=train_split, eval_split=eval_split,
       sampler=config.sampling.sampler,
-      sampling_steps=train.build_sampling_diffusion(config).num_timesteps,
+      sampling_steps=num_timesteps,
       samples_file=samples_file, samples_reused=reused, reference_stats=paths,
       reference_stats_computed=computed, elapsed_s=time.time() - start)
   path = os.path.join(eval_dir(workdir), f"fid_step{step}.json")

@@ -65,6 +65,11 @@ def generate(p_sample, replicated_params, num_samples: int, per_call: int, seed:
   return np.concatenate(out)[:num_samples]
 
 
+def sample_tag(config, step: int, num_timesteps: int) -> str:
+  """The name part of a samples file: ``step{S}_{sampler}{steps}``."""
+  return f"step{step}_{config.sampling.sampler}{num_timesteps}"
+
+
 def sampler_settings(config, num_timesteps: int) -> dict:
   """What decides the images besides the weights: sampler, steps, eta, clipping, seed.
 
@@ -124,7 +129,7 @@ def run_sample(config, workdir: str) -> str:
   elapsed = time.time() - start
   logging.info("%d images in %.1f s (%.2f images/s, compilation included)", len(images), elapsed,
                len(images) / elapsed)
-  tag = f"step{step}_{s.sampler}{diffusion.num_timesteps}"
+  tag = sample_tag(config, step, diffusion.num_timesteps)
   if jax.process_count() > 1:
     tag += f"_process{jax.process_index()}"
   npz, png = write_samples(os.path.join(workdir, "samples"), images, tag,
