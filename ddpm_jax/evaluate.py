@@ -24,10 +24,13 @@ into ``workdir/eval``:
 ``--mode=eval_fid`` (Table 1)
   fid_step{S}.json        FID against the train and the eval split, IS.
   stats_*.npz             cached reference statistics (or in ``stats_dir``).
-  The samples come from ``workdir/samples/samples_step{S}_{sampler}{n}*.npz``
-  when such a file holds enough images (e.g. from --mode=sample); otherwise they
-  are drawn in resumable chunks (``workdir/eval/fid_chunks_*``) and written to
-  ``workdir/samples/samples_step{S}_{sampler}{n}_fid{N}.npz`` + a grid.
+  The samples come from ``workdir/samples/samples_{tag}[_fid{N}].npz`` when such
+  a file holds enough images drawn with the config's sampler settings (e.g. from
+  --mode=sample); otherwise they are drawn in resumable chunks
+  (``workdir/eval/fid_chunks_*``) and written to
+  ``workdir/samples/samples_{tag}_fid{N}.npz`` + a grid. The tag
+  (``generate.sample_tag``) names the step, the sampler and every setting of
+  the draw, so other settings never overwrite earlier samples.
 
 Feature extractor: the digits MLP (``ddpm_jax.digits_classifier``) for
 ``data.dataset == 'digits'``, else the Inception-v3 FID graph
@@ -618,8 +621,7 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
   diffusion = train.build_sampling_diffusion(config)
   tag = generate.sample_tag(config, step, diffusion.num_timesteps)
   settings = generate.sampler_settings(config, diffusion.num_timesteps)
-  chunk_dir = os.path.join(eval_dir(workdir), f"fid_chunks_{tag}_eta{settings['eta']:g}_clip"
-                           f"{int(settings['clip_denoised'])}_seed{s.seed}_bs{per_call}")
+  chunk_dir = os.path.join(eval_dir(workdir), f"fid_chunks_{tag}_bs{per_call}")
   os.makedirs(chunk_dir, exist_ok=True)
   pcount, pindex = jax.process_count(), jax.process_index()
   num_local = -(-num // pcount)

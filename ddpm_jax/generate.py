@@ -66,8 +66,19 @@ def generate(p_sample, replicated_params, num_samples: int, per_call: int, seed:
 
 
 def sample_tag(config, step: int, num_timesteps: int) -> str:
-  """The name part of a samples file: ``step{S}_{sampler}{steps}``."""
-  return f"step{step}_{config.sampling.sampler}{num_timesteps}"
+  """The name part of a samples file: ``step{S}_{sampler}{steps}[_eta{e}][_noclip]_seed{s}``.
+
+  Every setting of ``sampler_settings`` is in the name (eta only for DDIM,
+  ``_noclip`` only when clipping is off), so samples drawn another way get
+  another file instead of overwriting the earlier ones.
+  """
+  s = sampler_settings(config, num_timesteps)
+  tag = f"step{step}_{s['sampler']}{s['num_timesteps']}"
+  if s["sampler"] == "ddim":
+    tag += f"_eta{s['eta']:g}"
+  if not s["clip_denoised"]:
+    tag += "_noclip"
+  return tag + f"_seed{s['seed']}"
 
 
 def sampler_settings(config, num_timesteps: int) -> dict:

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from ddpm_jax import checkpoint, digits_classifier, evaluate, figures, input_pipeline, metrics
+from ddpm_jax import checkpoint, digits_classifier, evaluate, figures, generate, input_pipeline
+from ddpm_jax import metrics
 from ddpm_jax import schedules, train
 from ddpm_jax.diffusion import GaussianDiffusion
 
@@ -206,13 +207,36 @@ def test_eval_bpd_without_checkpoint_is_a_clear_file_not_found(tmp_path):
 # FID / IS
 # ----------------------------------------------------------------------------
 
+def test_samples_drawn_another_way_get_another_file(tmp_path):
+  config = test_config.get_config()
+  config.sampling.seed = 1
+  assert generate.sample_tag(config, 10, 1000) == "step10_ancestral1000_seed1"
+  config.sampling.sampler, config.sampling.eta = "ddim", 0.5
+  config.sampling.clip_denoised, config.sampling.seed = False, 3
+  assert generate.sample_tag(config, 10, 50) == "step10_ddim50_eta0.5_noclip_seed3"
+  config.sampling.eta = 0.0
+  assert generate.sample_tag(config, 10, 50) == "step10_ddim50_eta0_noclip_seed3"
+  # Two draws that differ only in eta: both files survive, each with its own settings.
+  written = {}
+  for eta in (0.0, 1.0):
+    config.sampling.eta = eta
+    images = np.full((2, 8, 8, 1), int(eta * 100), np.uint8)
+    npz, _ = generate.write_samples(str(tmp_path), images, generate.sample_tag(config, 10, 50),
+                                    generate.sampler_settings(config, 50))
+    written[eta] = npz
+  assert written[0.0] != written[1.0]
+  for eta, npz in written.items():
+    with np.load(npz) as z:
+      assert int(z["images"][0, 0, 0, 0]) == int(eta * 100)
+      assert json.loads(str(z["settings"]))["eta"] == eta
+
+
 def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path, trained):
   _, config, _ = trained
   workdir = fresh_workdir(tmp_path, trained)
   # A chunk left by an interrupted run (call 0, 32 images): it must be used, not redrawn.
-  tag = f"step{STEP}_ancestral{config.diffusion.num_timesteps}"
-  chunk_dir = os.path.join(workdir, "eval", f"fid_chunks_{tag}_eta0_clip1_seed"
-                           f"{config.sampling.seed}_bs{config.sampling.batch_size}")
+  tag = f"step{STEP}_ancestral{config.diffusion.num_timesteps}_seed{config.sampling.seed}"
+  chunk_dir = os.path.join(workdir, "eval", f"fid_chunks_{tag}_bs{config.sampling.batch_size}")
   os.makedirs(chunk_dir)
   sentinel = np.full((32, 8, 8, 1), 77, np.uint8)
   np.savez(os.path.join(chunk_dir, "call_000000.npz"), images=sentinel)
@@ -263,8 +287,16 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   unclipped.sampling.clip_denoised = False
   third = evaluate.run_eval_fid(unclipped, workdir)
   assert third["samples_reused"] is False
+  assert os.path.basename(third["samples_file"]) == (
+      f"samples_step{STEP}_ancestral{config.diffusion.num_timesteps}_noclip"
+      f"_seed{config.sampling.seed}_fid64.npz")
   with np.load(third["samples_file"]) as z:
     assert json.loads(str(z["settings"]))["clip_denoised"] is False
+  # ... and the clipped samples are still there, unchanged: nothing saved is lost.
+  assert os.path.basename(written["samples_file"]) == f"samples_{tag}_fid64.npz"
+  with np.load(written["samples_file"]) as z:
+    np.testing.assert_array_equal(z["images"], samples)
+    assert json.loads(str(z["settings"]))["clip_denoised"] is True
 
 
 def test_fid_of_real_heldout_digits_is_far_below_that_of_noise(tmp_path):
