@@ -28,57 +28,57 @@ TINY_HW = 8
 
 
 def _shape_init(model, hw, c=3, batch=1):
-    """``model.init`` by ``jax.eval_shape``: a tree of ShapeDtypeStructs, nothing allocated."""
-    x = jax.ShapeDtypeStruct((batch, hw, hw, c), jnp.float32)
-    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    y = None if model.num_classes is None else jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return jax.eval_shape(model.init, KEY, x, t, y)
+  """``model.init`` by ``jax.eval_shape``: a tree of ShapeDtypeStructs, nothing allocated."""
+  x = jax.ShapeDtypeStruct((batch, hw, hw, c), jnp.float32)
+  t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  y = None if model.num_classes is None else jax.ShapeDtypeStruct((batch,), jnp.int32)
+  return jax.eval_shape(model.init, KEY, x, t, y)
 
 
 def _fwd(model):
-    """Jitted ``model.apply`` (eager op-by-op dispatch is much slower on CPU)."""
-    return jax.jit(model.apply, static_argnames=("train",))
+  """Jitted ``model.apply`` (eager op-by-op dispatch is much slower on CPU)."""
+  return jax.jit(model.apply, static_argnames=("train",))
 
 
 def _randomize(params, seed=0):
-    """Random O(1)-output values for every leaf of a (shape) tree, drawn with numpy.
+  """Random O(1)-output values for every leaf of a (shape) tree, drawn with numpy.
 
-    The paper's init makes conv2/proj_out/conv_out ~1e-10, which would make the
-    output ~0 and every comparison trivially pass; random params make the tests bite.
-    (Also much faster on CPU than a real ``model.init``.)
-    """
-    rng = np.random.RandomState(seed)
-    out = {}
-    for path, leaf in sorted(flax.traverse_util.flatten_dict(params).items()):
-        noise = rng.standard_normal(leaf.shape)
-        if path[-1] == "kernel":
-            val = noise / math.sqrt(np.prod(leaf.shape[:-1]))
-        elif path[-1] == "scale":
-            val = 1.0 + 0.1 * noise
-        elif path[-1] == "embedding":
-            val = noise
-        else:  # biases
-            val = 0.1 * noise
-        out[path] = jnp.asarray(val, jnp.float32)
-    return flax.traverse_util.unflatten_dict(out)
+  The paper's init makes conv2/proj_out/conv_out ~1e-10, which would make the
+  output ~0 and every comparison trivially pass; random params make the tests bite.
+  (Also much faster on CPU than a real ``model.init``.)
+  """
+  rng = np.random.RandomState(seed)
+  out = {}
+  for path, leaf in sorted(flax.traverse_util.flatten_dict(params).items()):
+    noise = rng.standard_normal(leaf.shape)
+    if path[-1] == "kernel":
+      val = noise / math.sqrt(np.prod(leaf.shape[:-1]))
+    elif path[-1] == "scale":
+      val = 1.0 + 0.1 * noise
+    elif path[-1] == "embedding":
+      val = noise
+    else:  # biases
+      val = 0.1 * noise
+    out[path] = jnp.asarray(val, jnp.float32)
+  return flax.traverse_util.unflatten_dict(out)
 
 
 def _inputs(batch, hw, c=3, seed=1, T=1000):
-    rng = np.random.RandomState(seed)
-    x = rng.uniform(-1, 1, size=(batch, hw, hw, c)).astype(np.float32)
-    t = rng.randint(0, T, size=(batch,)).astype(np.int32)
-    return jnp.asarray(x), jnp.asarray(t)
+  rng = np.random.RandomState(seed)
+  x = rng.uniform(-1, 1, size=(batch, hw, hw, c)).astype(np.float32)
+  t = rng.randint(0, T, size=(batch,)).astype(np.int32)
+  return jnp.asarray(x), jnp.asarray(t)
 
 
 def _tiny_params(model, hw=TINY_HW, seed=0):
-    return _randomize(_shape_init(model, hw)["params"], seed)
+  return _randomize(_shape_init(model, hw)["params"], seed)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The TINY model, random params and one jitted forward shared by several tests."""
-    model = UNet(**TINY)
-    return model, {"params": _tiny_params(model)}, _fwd(model)
+  """The TINY model, random params and one jitted forward shared by several tests."""
+  model = UNet(**TINY)
+  return model, {"params": _tiny_params(model)}, _fwd(model)
 
 
 # ----------------------------------------------------------------------------------
@@ -87,108 +87,108 @@ def tiny():
 
 
 def np_timestep_embedding(t, dim):
-    half = dim // 2
-    freqs = np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / (half - 1))
-    args = np.asarray(t, np.float64)[:, None] * freqs[None, :]
-    return np.concatenate([np.sin(args), np.cos(args)], axis=1)
+  half = dim // 2
+  freqs = np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / (half - 1))
+  args = np.asarray(t, np.float64)[:, None] * freqs[None, :]
+  return np.concatenate([np.sin(args), np.cos(args)], axis=1)
 
 
 def _np(p):
-    return {k: (_np(v) if isinstance(v, dict) else np.asarray(v, np.float64)) for k, v in p.items()}
+  return {k: (_np(v) if isinstance(v, dict) else np.asarray(v, np.float64)) for k, v in p.items()}
 
 
 def np_swish(x):
-    return x / (1.0 + np.exp(-x))
+  return x / (1.0 + np.exp(-x))
 
 
 def np_group_norm(x, p, groups=32, eps=1e-6):
-    B, H, W, C = x.shape
-    g = x.reshape(B, H, W, groups, C // groups)
-    mean = g.mean(axis=(1, 2, 4), keepdims=True)
-    var = g.var(axis=(1, 2, 4), keepdims=True)
-    g = (g - mean) / np.sqrt(var + eps)
-    return g.reshape(B, H, W, C) * p["scale"] + p["bias"]
+  B, H, W, C = x.shape
+  g = x.reshape(B, H, W, groups, C // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = g.var(axis=(1, 2, 4), keepdims=True)
+  g = (g - mean) / np.sqrt(var + eps)
+  return g.reshape(B, H, W, C) * p["scale"] + p["bias"]
 
 
 def np_conv3x3(x, p, stride=1):
-    """3x3 conv; stride 1 pads 1 on each side, stride 2 (even sizes) pads (0, 1) like TF SAME."""
-    pad = (1, 1) if stride == 1 else (0, 1)
-    xp = np.pad(x, ((0, 0), pad, pad, (0, 0)))
-    B, H, W, _ = x.shape
-    Ho, Wo = H // stride, W // stride
-    out = np.zeros((B, Ho, Wo, p["kernel"].shape[-1]))
-    for a in range(3):
-        for b in range(3):
-            patch = xp[:, a : a + stride * Ho : stride, b : b + stride * Wo : stride, :]
-            out += patch @ p["kernel"][a, b]
-    return out + p["bias"]
+  """3x3 conv; stride 1 pads 1 on each side, stride 2 (even sizes) pads (0, 1) like TF SAME."""
+  pad = (1, 1) if stride == 1 else (0, 1)
+  xp = np.pad(x, ((0, 0), pad, pad, (0, 0)))
+  B, H, W, _ = x.shape
+  Ho, Wo = H // stride, W // stride
+  out = np.zeros((B, Ho, Wo, p["kernel"].shape[-1]))
+  for a in range(3):
+    for b in range(3):
+      patch = xp[:, a : a + stride * Ho : stride, b : b + stride * Wo : stride, :]
+      out += patch @ p["kernel"][a, b]
+  return out + p["bias"]
 
 
 def np_dense(x, p):
-    return x @ p["kernel"] + p["bias"]
+  return x @ p["kernel"] + p["bias"]
 
 
 def np_resnet_block(x, temb, p, out_ch):
-    h = np_swish(np_group_norm(x, p["norm1"]))
-    h = np_conv3x3(h, p["conv1"])
-    h = h + np_dense(np_swish(temb), p["temb_proj"])[:, None, None, :]
-    h = np_swish(np_group_norm(h, p["norm2"]))
-    h = np_conv3x3(h, p["conv2"])
-    if x.shape[-1] != out_ch:
-        x = np_dense(x, p["nin_shortcut"])
-    return x + h
+  h = np_swish(np_group_norm(x, p["norm1"]))
+  h = np_conv3x3(h, p["conv1"])
+  h = h + np_dense(np_swish(temb), p["temb_proj"])[:, None, None, :]
+  h = np_swish(np_group_norm(h, p["norm2"]))
+  h = np_conv3x3(h, p["conv2"])
+  if x.shape[-1] != out_ch:
+    x = np_dense(x, p["nin_shortcut"])
+  return x + h
 
 
 def np_attn_block(x, p):
-    B, H, W, C = x.shape
-    h = np_group_norm(x, p["norm"])
-    q, k, v = (np_dense(h, p[n]).reshape(B, H * W, C) for n in ("q", "k", "v"))
-    w = np.einsum("bqc,bkc->bqk", q, k) / math.sqrt(C)
-    w = np.exp(w - w.max(-1, keepdims=True))
-    w = w / w.sum(-1, keepdims=True)
-    h = np.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
-    return x + np_dense(h, p["proj_out"])
+  B, H, W, C = x.shape
+  h = np_group_norm(x, p["norm"])
+  q, k, v = (np_dense(h, p[n]).reshape(B, H * W, C) for n in ("q", "k", "v"))
+  w = np.einsum("bqc,bkc->bqk", q, k) / math.sqrt(C)
+  w = np.exp(w - w.max(-1, keepdims=True))
+  w = w / w.sum(-1, keepdims=True)
+  h = np.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
+  return x + np_dense(h, p["proj_out"])
 
 
 def np_unet(p, x, t, y, *, ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv=True, **_):
-    p = _np(p)
-    x = np.asarray(x, np.float64)
-    temb = np_timestep_embedding(t, ch)
-    temb = np_dense(np_swish(np_dense(temb, p["temb_dense0"])), p["temb_dense1"])
-    if y is not None:
-        temb = temb + p["class_emb"]["embedding"][np.asarray(y)]
-    hs = [np_conv3x3(x, p["conv_in"])]
-    L = len(ch_mult)
-    for i in range(L):
-        for j in range(num_res_blocks):
-            h = np_resnet_block(hs[-1], temb, p[f"down_{i}_block_{j}"], ch * ch_mult[i])
-            if h.shape[1] in attn_resolutions:
-                h = np_attn_block(h, p[f"down_{i}_attn_{j}"])
-            hs.append(h)
-        if i != L - 1:
-            h = hs[-1]
-            if resamp_with_conv:
-                h = np_conv3x3(h, p[f"down_{i}_downsample"]["conv"], stride=2)
-            else:
-                B, H, W, C = h.shape
-                h = h.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
-            hs.append(h)
-    h = hs[-1]
-    h = np_resnet_block(h, temb, p["mid_block_1"], h.shape[-1])
-    h = np_attn_block(h, p["mid_attn_1"])
-    h = np_resnet_block(h, temb, p["mid_block_2"], h.shape[-1])
-    for i in reversed(range(L)):
-        for j in range(num_res_blocks + 1):
-            h = np_resnet_block(np.concatenate([h, hs.pop()], -1), temb, p[f"up_{i}_block_{j}"], ch * ch_mult[i])
-            if h.shape[1] in attn_resolutions:
-                h = np_attn_block(h, p[f"up_{i}_attn_{j}"])
-        if i != 0:
-            h = h.repeat(2, axis=1).repeat(2, axis=2)
-            if resamp_with_conv:
-                h = np_conv3x3(h, p[f"up_{i}_upsample"]["conv"])
-    assert not hs
-    h = np_swish(np_group_norm(h, p["norm_out"]))
-    return np_conv3x3(h, p["conv_out"])
+  p = _np(p)
+  x = np.asarray(x, np.float64)
+  temb = np_timestep_embedding(t, ch)
+  temb = np_dense(np_swish(np_dense(temb, p["temb_dense0"])), p["temb_dense1"])
+  if y is not None:
+    temb = temb + p["class_emb"]["embedding"][np.asarray(y)]
+  hs = [np_conv3x3(x, p["conv_in"])]
+  L = len(ch_mult)
+  for i in range(L):
+    for j in range(num_res_blocks):
+      h = np_resnet_block(hs[-1], temb, p[f"down_{i}_block_{j}"], ch * ch_mult[i])
+      if h.shape[1] in attn_resolutions:
+        h = np_attn_block(h, p[f"down_{i}_attn_{j}"])
+      hs.append(h)
+    if i != L - 1:
+      h = hs[-1]
+      if resamp_with_conv:
+        h = np_conv3x3(h, p[f"down_{i}_downsample"]["conv"], stride=2)
+      else:
+        B, H, W, C = h.shape
+        h = h.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
+      hs.append(h)
+  h = hs[-1]
+  h = np_resnet_block(h, temb, p["mid_block_1"], h.shape[-1])
+  h = np_attn_block(h, p["mid_attn_1"])
+  h = np_resnet_block(h, temb, p["mid_block_2"], h.shape[-1])
+  for i in reversed(range(L)):
+    for j in range(num_res_blocks + 1):
+      h = np_resnet_block(np.concatenate([h, hs.pop()], -1), temb, p[f"up_{i}_block_{j}"], ch * ch_mult[i])
+      if h.shape[1] in attn_resolutions:
+        h = np_attn_block(h, p[f"up_{i}_attn_{j}"])
+    if i != 0:
+      h = h.repeat(2, axis=1).repeat(2, axis=2)
+      if resamp_with_conv:
+        h = np_conv3x3(h, p[f"up_{i}_upsample"]["conv"])
+  assert not hs
+  h = np_swish(np_group_norm(h, p["norm_out"]))
+  return np_conv3x3(h, p["conv_out"])
 
 
 # ----------------------------------------------------------------------------------
@@ -205,69 +205,69 @@ def np_unet(p, x, t, y, *, ch, ch_mult, num_res_blocks, attn_resolutions, resamp
     ],
 )
 def test_param_counts_match_paper(kwargs, hw, expected):
-    variables = _shape_init(UNet(**kwargs), hw)
-    assert set(variables) == {"params"}
-    assert count_params(variables["params"]) == expected
+  variables = _shape_init(UNet(**kwargs), hw)
+  assert set(variables) == {"params"}
+  assert count_params(variables["params"]) == expected
 
 
 def test_param_tree_names_mirror_tf_checkpoint():
-    params = _shape_init(UNet(), 32)["params"]
-    expected = {"temb_dense0", "temb_dense1", "conv_in", "norm_out", "conv_out", "mid_block_1", "mid_attn_1", "mid_block_2"}
-    for i in range(4):
-        expected |= {f"down_{i}_block_{j}" for j in range(2)}
-        expected |= {f"up_{i}_block_{j}" for j in range(3)}
-        if i == 1:  # 16x16 level
-            expected |= {f"down_1_attn_{j}" for j in range(2)} | {f"up_1_attn_{j}" for j in range(3)}
-        if i != 3:
-            expected.add(f"down_{i}_downsample")
-        if i != 0:
-            expected.add(f"up_{i}_upsample")
-    assert set(params) == expected
-    shapes = jax.tree_util.tree_map(lambda a: tuple(a.shape), params)
-    assert shapes["down_1_block_0"] == {
-        "norm1": {"scale": (128,), "bias": (128,)},
-        "conv1": {"kernel": (3, 3, 128, 256), "bias": (256,)},
-        "temb_proj": {"kernel": (512, 256), "bias": (256,)},
-        "norm2": {"scale": (256,), "bias": (256,)},
-        "conv2": {"kernel": (3, 3, 256, 256), "bias": (256,)},
-        "nin_shortcut": {"kernel": (128, 256), "bias": (256,)},
-    }
-    assert "nin_shortcut" not in shapes["down_1_block_1"]
-    assert shapes["mid_attn_1"] == {
-        "norm": {"scale": (256,), "bias": (256,)},
-        **{n: {"kernel": (256, 256), "bias": (256,)} for n in ("q", "k", "v", "proj_out")},
-    }
-    assert shapes["down_0_downsample"] == {"conv": {"kernel": (3, 3, 128, 128), "bias": (128,)}}
-    assert shapes["up_1_upsample"] == {"conv": {"kernel": (3, 3, 256, 256), "bias": (256,)}}
-    assert shapes["temb_dense0"] == {"kernel": (128, 512), "bias": (512,)}
-    assert shapes["conv_out"] == {"kernel": (3, 3, 128, 3), "bias": (3,)}
-    # Without resampling convs the resample modules hold no params.
-    params_nc = _shape_init(UNet(resamp_with_conv=False), 32)["params"]
-    assert not any("sample" in k for k in params_nc)
+  params = _shape_init(UNet(), 32)["params"]
+  expected = {"temb_dense0", "temb_dense1", "conv_in", "norm_out", "conv_out", "mid_block_1", "mid_attn_1", "mid_block_2"}
+  for i in range(4):
+    expected |= {f"down_{i}_block_{j}" for j in range(2)}
+    expected |= {f"up_{i}_block_{j}" for j in range(3)}
+    if i == 1:  # 16x16 level
+      expected |= {f"down_1_attn_{j}" for j in range(2)} | {f"up_1_attn_{j}" for j in range(3)}
+    if i != 3:
+      expected.add(f"down_{i}_downsample")
+    if i != 0:
+      expected.add(f"up_{i}_upsample")
+  assert set(params) == expected
+  shapes = jax.tree_util.tree_map(lambda a: tuple(a.shape), params)
+  assert shapes["down_1_block_0"] == {
+      "norm1": {"scale": (128,), "bias": (128,)},
+      "conv1": {"kernel": (3, 3, 128, 256), "bias": (256,)},
+      "temb_proj": {"kernel": (512, 256), "bias": (256,)},
+      "norm2": {"scale": (256,), "bias": (256,)},
+      "conv2": {"kernel": (3, 3, 256, 256), "bias": (256,)},
+      "nin_shortcut": {"kernel": (128, 256), "bias": (256,)},
+  }
+  assert "nin_shortcut" not in shapes["down_1_block_1"]
+  assert shapes["mid_attn_1"] == {
+      "norm": {"scale": (256,), "bias": (256,)},
+      **{n: {"kernel": (256, 256), "bias": (256,)} for n in ("q", "k", "v", "proj_out")},
+  }
+  assert shapes["down_0_downsample"] == {"conv": {"kernel": (3, 3, 128, 128), "bias": (128,)}}
+  assert shapes["up_1_upsample"] == {"conv": {"kernel": (3, 3, 256, 256), "bias": (256,)}}
+  assert shapes["temb_dense0"] == {"kernel": (128, 512), "bias": (512,)}
+  assert shapes["conv_out"] == {"kernel": (3, 3, 128, 3), "bias": (3,)}
+  # Without resampling convs the resample modules hold no params.
+  params_nc = _shape_init(UNet(resamp_with_conv=False), 32)["params"]
+  assert not any("sample" in k for k in params_nc)
 
 
 def test_init_follows_paper_default_init():
-    """default_init(1) = variance_scaling(1, fan_avg, uniform); init_scale=0 layers get 1e-10; biases 0."""
-    from ddpm_jax.models.unet import AttnBlock, ResnetBlock
+  """default_init(1) = variance_scaling(1, fan_avg, uniform); init_scale=0 layers get 1e-10; biases 0."""
+  from ddpm_jax.models.unet import AttnBlock, ResnetBlock
 
-    x = jnp.ones((1, 4, 4, 32))
-    temb = jnp.ones((1, 64))
-    rb = ResnetBlock(out_ch=64).init(KEY, x, temb)["params"]
-    at = AttnBlock().init(KEY, x)["params"]
-    w = np.asarray(rb["conv1"]["kernel"])  # [3, 3, 32, 64]
-    bound = math.sqrt(3.0 / ((9 * 32 + 9 * 64) / 2))  # U(-a, a), a = sqrt(3 / fan_avg)
-    assert 0.9 * bound < np.abs(w).max() <= bound
-    np.testing.assert_allclose(w.std(), bound / math.sqrt(3), rtol=0.05)
-    wn = np.asarray(rb["nin_shortcut"]["kernel"])  # [32, 64] dense: fan_avg = 48
-    assert 0.9 * math.sqrt(3 / 48) < np.abs(wn).max() <= math.sqrt(3 / 48)
-    for leaf in (rb["conv2"]["kernel"], at["proj_out"]["kernel"]):
-        assert 0 < np.abs(np.asarray(leaf)).max() < 1e-4  # scale 1e-10 -> |w| <~ 1e-6
-    for tree in (rb, at):
-        for path, leaf in flax.traverse_util.flatten_dict(tree).items():
-            if path[-1] == "bias":
-                assert np.all(np.asarray(leaf) == 0), path
-            if path[-1] == "scale":
-                assert np.all(np.asarray(leaf) == 1), path
+  x = jnp.ones((1, 4, 4, 32))
+  temb = jnp.ones((1, 64))
+  rb = ResnetBlock(out_ch=64).init(KEY, x, temb)["params"]
+  at = AttnBlock().init(KEY, x)["params"]
+  w = np.asarray(rb["conv1"]["kernel"])  # [3, 3, 32, 64]
+  bound = math.sqrt(3.0 / ((9 * 32 + 9 * 64) / 2))  # U(-a, a), a = sqrt(3 / fan_avg)
+  assert 0.9 * bound < np.abs(w).max() <= bound
+  np.testing.assert_allclose(w.std(), bound / math.sqrt(3), rtol=0.05)
+  wn = np.asarray(rb["nin_shortcut"]["kernel"])  # [32, 64] dense: fan_avg = 48
+  assert 0.9 * math.sqrt(3 / 48) < np.abs(wn).max() <= math.sqrt(3 / 48)
+  for leaf in (rb["conv2"]["kernel"], at["proj_out"]["kernel"]):
+    assert 0 < np.abs(np.asarray(leaf)).max() < 1e-4  # scale 1e-10 -> |w| <~ 1e-6
+  for tree in (rb, at):
+    for path, leaf in flax.traverse_util.flatten_dict(tree).items():
+      if path[-1] == "bias":
+        assert np.all(np.asarray(leaf) == 0), path
+      if path[-1] == "scale":
+        assert np.all(np.asarray(leaf) == 1), path
 
 
 # ----------------------------------------------------------------------------------
@@ -285,21 +285,21 @@ def test_init_follows_paper_default_init():
     ],
 )
 def test_output_shapes(kwargs, hw, batch):
-    model = UNet(**kwargs)
-    variables = _shape_init(model, hw, batch=batch)
-    x = jax.ShapeDtypeStruct((batch, hw, hw, 3), jnp.float32)
-    t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    out = jax.eval_shape(model.apply, variables, x, t)
-    assert out.shape == (batch, hw, hw, model.out_ch)
-    assert out.dtype == jnp.float32
+  model = UNet(**kwargs)
+  variables = _shape_init(model, hw, batch=batch)
+  x = jax.ShapeDtypeStruct((batch, hw, hw, 3), jnp.float32)
+  t = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  out = jax.eval_shape(model.apply, variables, x, t)
+  assert out.shape == (batch, hw, hw, model.out_ch)
+  assert out.dtype == jnp.float32
 
 
 def test_indivisible_image_size_raises():
-    with pytest.raises(ValueError, match=r"image size 30 is not divisible by 2\*\*\(len\(ch_mult\)-1\)=8 \(model.ch_mult=\(1, 2, 2, 2\)\)"):
-        _shape_init(UNet(), 30)
-    with pytest.raises(ValueError, match=r"image size 20 is not divisible .*=8"):
-        jax.eval_shape(lambda: UNet().init(KEY, jnp.zeros((1, 32, 20, 3)), jnp.zeros((1,), jnp.int32)))
-    _shape_init(UNet(ch=32, ch_mult=(1, 2)), 30)  # 30 is divisible by 2: fine
+  with pytest.raises(ValueError, match=r"image size 30 is not divisible by 2\*\*\(len\(ch_mult\)-1\)=8 \(model.ch_mult=\(1, 2, 2, 2\)\)"):
+    _shape_init(UNet(), 30)
+  with pytest.raises(ValueError, match=r"image size 20 is not divisible .*=8"):
+    jax.eval_shape(lambda: UNet().init(KEY, jnp.zeros((1, 32, 20, 3)), jnp.zeros((1,), jnp.int32)))
+  _shape_init(UNet(ch=32, ch_mult=(1, 2)), 30)  # 30 is divisible by 2: fine
 
 
 @pytest.mark.parametrize(
@@ -314,21 +314,21 @@ def test_indivisible_image_size_raises():
     ],
 )
 def test_bad_config_raises(kwargs, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        _shape_init(UNet(**kwargs), 32)
+  with pytest.raises(ValueError, match=pattern):
+    _shape_init(UNet(**kwargs), 32)
 
 
 def test_bad_inputs_raise():
-    model = UNet(ch=32, ch_mult=(1, 2))
-    x = jnp.zeros((2, 8, 8, 3))
-    with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
-        jax.eval_shape(lambda: model.init(KEY, x, jnp.zeros((3,), jnp.int32)))
-    with pytest.raises(ValueError, match=r"num_classes is None"):
-        jax.eval_shape(lambda: model.init(KEY, x, jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)))
-    with pytest.raises(ValueError, match=r"requires class labels"):
-        jax.eval_shape(lambda: UNet(ch=32, ch_mult=(1, 2), num_classes=10).init(KEY, x, jnp.zeros((2,), jnp.int32)))
-    with pytest.raises(ValueError, match=r"NHWC"):
-        jax.eval_shape(lambda: model.init(KEY, x[0], jnp.zeros((2,), jnp.int32)))
+  model = UNet(ch=32, ch_mult=(1, 2))
+  x = jnp.zeros((2, 8, 8, 3))
+  with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
+    jax.eval_shape(lambda: model.init(KEY, x, jnp.zeros((3,), jnp.int32)))
+  with pytest.raises(ValueError, match=r"num_classes is None"):
+    jax.eval_shape(lambda: model.init(KEY, x, jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)))
+  with pytest.raises(ValueError, match=r"requires class labels"):
+    jax.eval_shape(lambda: UNet(ch=32, ch_mult=(1, 2), num_classes=10).init(KEY, x, jnp.zeros((2,), jnp.int32)))
+  with pytest.raises(ValueError, match=r"NHWC"):
+    jax.eval_shape(lambda: model.init(KEY, x[0], jnp.zeros((2,), jnp.int32)))
 
 
 # ----------------------------------------------------------------------------------
@@ -337,95 +337,95 @@ def test_bad_inputs_raise():
 
 
 def test_timestep_embedding_matches_numpy():
-    t = np.array([0, 1, 7, 250, 999], np.int32)
-    for dim in (32, 128):
-        got = np.asarray(get_timestep_embedding(jnp.asarray(t), dim))
-        ref = np_timestep_embedding(t, dim)
-        assert got.shape == (5, dim) and got.dtype == np.float32
-        np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)  # float32 sin of args up to ~1e3
-    # sin comes first: t=0 gives [0]*half + [1]*half.
-    np.testing.assert_array_equal(np.asarray(get_timestep_embedding(jnp.zeros((1,), jnp.int32), 8)), [[0, 0, 0, 0, 1, 1, 1, 1]])
+  t = np.array([0, 1, 7, 250, 999], np.int32)
+  for dim in (32, 128):
+    got = np.asarray(get_timestep_embedding(jnp.asarray(t), dim))
+    ref = np_timestep_embedding(t, dim)
+    assert got.shape == (5, dim) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)  # float32 sin of args up to ~1e3
+  # sin comes first: t=0 gives [0]*half + [1]*half.
+  np.testing.assert_array_equal(np.asarray(get_timestep_embedding(jnp.zeros((1,), jnp.int32), 8)), [[0, 0, 0, 0, 1, 1, 1, 1]])
 
 
 def test_forward_matches_numpy_reference(tiny):
-    model, variables, fwd = tiny
-    x, t = _inputs(2, TINY_HW)
-    got = np.asarray(fwd(variables, x, t))
-    ref = np_unet(variables["params"], x, t, None, **TINY)
-    assert np.abs(ref).max() > 0.5  # random params give O(1) outputs
-    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
+  model, variables, fwd = tiny
+  x, t = _inputs(2, TINY_HW)
+  got = np.asarray(fwd(variables, x, t))
+  ref = np_unet(variables["params"], x, t, None, **TINY)
+  assert np.abs(ref).max() > 0.5  # random params give O(1) outputs
+  np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
 
 
 def test_forward_without_resampling_convs_matches_numpy_reference():
-    cfg = dict(TINY, resamp_with_conv=False)
-    model = UNet(**cfg)
-    params = _tiny_params(model)
-    x, t = _inputs(2, TINY_HW)
-    got = np.asarray(_fwd(model)({"params": params}, x, t))
-    ref = np_unet(params, x, t, None, **cfg)
-    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
+  cfg = dict(TINY, resamp_with_conv=False)
+  model = UNet(**cfg)
+  params = _tiny_params(model)
+  x, t = _inputs(2, TINY_HW)
+  got = np.asarray(_fwd(model)({"params": params}, x, t))
+  ref = np_unet(params, x, t, None, **cfg)
+  np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
 
 
 def test_group_norm_two_pass_variance():
-    """GroupNorm matches numpy even when |mean| >> std (E[x^2]-mean^2 would be off by ~1e-3 here)."""
-    from ddpm_jax.models.unet import _group_norm
+  """GroupNorm matches numpy even when |mean| >> std (E[x^2]-mean^2 would be off by ~1e-3 here)."""
+  from ddpm_jax.models.unet import _group_norm
 
-    class GN(flax.linen.Module):
-        @flax.linen.compact
-        def __call__(self, x):
-            return _group_norm(x, "norm", jnp.float32)
+  class GN(flax.linen.Module):
+    @flax.linen.compact
+    def __call__(self, x):
+      return _group_norm(x, "norm", jnp.float32)
 
-    x = (30.0 + np.random.RandomState(0).randn(2, 8, 8, 64)).astype(np.float32)
-    p = {"scale": np.linspace(0.5, 1.5, 64), "bias": np.linspace(-1, 1, 64)}
-    got = np.asarray(GN().apply({"params": {"norm": p}}, x))
-    np.testing.assert_allclose(got, np_group_norm(x.astype(np.float64), p), atol=1e-4, rtol=0)
+  x = (30.0 + np.random.RandomState(0).randn(2, 8, 8, 64)).astype(np.float32)
+  p = {"scale": np.linspace(0.5, 1.5, 64), "bias": np.linspace(-1, 1, 64)}
+  got = np.asarray(GN().apply({"params": {"norm": p}}, x))
+  np.testing.assert_allclose(got, np_group_norm(x.astype(np.float64), p), atol=1e-4, rtol=0)
 
 
 def test_downsample_pads_like_tf_same():
-    """Stride-2 conv on an even size pads 0 top/left and 1 bottom/right (TF 'SAME')."""
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
-    mod = Downsample(with_conv=True)
-    params = _randomize(mod.init(KEY, x)["params"], jax.random.PRNGKey(2))
-    got = np.asarray(mod.apply({"params": params}, x))
-    w = params["conv"]["kernel"]
-    dn = ("NHWC", "HWIO", "NHWC")
-    ref = jax.lax.conv_general_dilated(x, w, (2, 2), ((0, 1), (0, 1)), dimension_numbers=dn) + params["conv"]["bias"]
-    assert got.shape == (2, 4, 4, 4)
-    np.testing.assert_allclose(got, np.asarray(ref), atol=1e-5)
-    np.testing.assert_allclose(got, np_conv3x3(np.asarray(x, np.float64), _np(params["conv"]), stride=2), atol=1e-5)
-    # The other asymmetric padding gives a different result, so this test can fail.
-    other = jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 0), (1, 0)), dimension_numbers=dn) + params["conv"]["bias"]
-    assert not np.allclose(got, np.asarray(other), atol=1e-3)
+  """Stride-2 conv on an even size pads 0 top/left and 1 bottom/right (TF 'SAME')."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
+  mod = Downsample(with_conv=True)
+  params = _randomize(mod.init(KEY, x)["params"], jax.random.PRNGKey(2))
+  got = np.asarray(mod.apply({"params": params}, x))
+  w = params["conv"]["kernel"]
+  dn = ("NHWC", "HWIO", "NHWC")
+  ref = jax.lax.conv_general_dilated(x, w, (2, 2), ((0, 1), (0, 1)), dimension_numbers=dn) + params["conv"]["bias"]
+  assert got.shape == (2, 4, 4, 4)
+  np.testing.assert_allclose(got, np.asarray(ref), atol=1e-5)
+  np.testing.assert_allclose(got, np_conv3x3(np.asarray(x, np.float64), _np(params["conv"]), stride=2), atol=1e-5)
+  # The other asymmetric padding gives a different result, so this test can fail.
+  other = jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 0), (1, 0)), dimension_numbers=dn) + params["conv"]["bias"]
+  assert not np.allclose(got, np.asarray(other), atol=1e-3)
 
 
 def test_resampling_matches_paper_tf_ops():
-    """Downsample == tf.nn.conv2d(SAME, stride 2); Upsample == TF1 nearest resize (align_corners=True)."""
-    tf = pytest.importorskip("tensorflow")
-    x = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
-    down = Downsample(with_conv=True)
-    p = _randomize(down.init(KEY, x)["params"], jax.random.PRNGKey(3))
-    ref = tf.nn.conv2d(x, np.asarray(p["conv"]["kernel"]), strides=2, padding="SAME").numpy() + np.asarray(p["conv"]["bias"])
-    np.testing.assert_allclose(np.asarray(down.apply({"params": p}, x)), ref, atol=1e-5)
-    ref_pool = tf.nn.avg_pool(x, 2, 2, "SAME").numpy()
-    np.testing.assert_allclose(np.asarray(Downsample(with_conv=False).apply({}, x)), ref_pool, atol=1e-6)
-    ref_up = tf.compat.v1.image.resize_nearest_neighbor(x, [16, 16], align_corners=True).numpy()
-    np.testing.assert_array_equal(np.asarray(Upsample(with_conv=False).apply({}, x)), ref_up)
+  """Downsample == tf.nn.conv2d(SAME, stride 2); Upsample == TF1 nearest resize (align_corners=True)."""
+  tf = pytest.importorskip("tensorflow")
+  x = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
+  down = Downsample(with_conv=True)
+  p = _randomize(down.init(KEY, x)["params"], jax.random.PRNGKey(3))
+  ref = tf.nn.conv2d(x, np.asarray(p["conv"]["kernel"]), strides=2, padding="SAME").numpy() + np.asarray(p["conv"]["bias"])
+  np.testing.assert_allclose(np.asarray(down.apply({"params": p}, x)), ref, atol=1e-5)
+  ref_pool = tf.nn.avg_pool(x, 2, 2, "SAME").numpy()
+  np.testing.assert_allclose(np.asarray(Downsample(with_conv=False).apply({}, x)), ref_pool, atol=1e-6)
+  ref_up = tf.compat.v1.image.resize_nearest_neighbor(x, [16, 16], align_corners=True).numpy()
+  np.testing.assert_array_equal(np.asarray(Upsample(with_conv=False).apply({}, x)), ref_up)
 
 
 def test_batch_independence(tiny):
-    """With dropout off, each example's output does not depend on the rest of the batch."""
-    model, variables, fwd = tiny
-    x, t = _inputs(2, TINY_HW)
-    batched = np.asarray(fwd(variables, x, t))
-    for i in range(2):
-        single = np.asarray(fwd(variables, x[i : i + 1], t[i : i + 1]))
-        np.testing.assert_allclose(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
-    # Replacing the other example leaves this one's output unchanged ...
-    x2, t2 = x.at[1].set(-x[1]), t.at[1].set((t[1] + 300) % 1000)
-    np.testing.assert_allclose(np.asarray(fwd(variables, x2, t2))[0], batched[0], atol=1e-5, rtol=1e-5)
-    # ... while a different timestep for the same image does change it (not vacuous).
-    other = np.asarray(fwd(variables, x, (t + 500) % 1000))
-    assert not np.allclose(other[0], batched[0], atol=1e-3)
+  """With dropout off, each example's output does not depend on the rest of the batch."""
+  model, variables, fwd = tiny
+  x, t = _inputs(2, TINY_HW)
+  batched = np.asarray(fwd(variables, x, t))
+  for i in range(2):
+    single = np.asarray(fwd(variables, x[i : i + 1], t[i : i + 1]))
+    np.testing.assert_allclose(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
+  # Replacing the other example leaves this one's output unchanged ...
+  x2, t2 = x.at[1].set(-x[1]), t.at[1].set((t[1] + 300) % 1000)
+  np.testing.assert_allclose(np.asarray(fwd(variables, x2, t2))[0], batched[0], atol=1e-5, rtol=1e-5)
+  # ... while a different timestep for the same image does change it (not vacuous).
+  other = np.asarray(fwd(variables, x, (t + 500) % 1000))
+  assert not np.allclose(other[0], batched[0], atol=1e-3)
 
 
 # Measured relative RMS error (||out16 - out32|| / ||out32||) of bf16 compute vs float32
@@ -435,124 +435,124 @@ BF16_REL_RMS_TOL = 5e-2
 
 
 def test_bfloat16_close_to_float32(tiny):
-    """bf16 compute on the same float32 params: relative RMS error < 5e-2 (measured 1.5e-2..1.9e-2)."""
-    m32, variables, fwd32 = tiny
-    m16 = UNet(**TINY, dtype=jnp.bfloat16)
-    shapes16 = _shape_init(m16, TINY_HW)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes16))
-    assert jax.tree_util.tree_structure(shapes16) == jax.tree_util.tree_structure(_shape_init(m32, TINY_HW))
-    x, t = _inputs(2, TINY_HW)
-    out32 = np.asarray(fwd32(variables, x, t))
-    out16 = _fwd(m16)(variables, x, t)
-    assert out16.dtype == jnp.float32
-    out16 = np.asarray(out16)
-    rel = np.sqrt(np.mean((out16 - out32) ** 2) / np.mean(out32**2))
-    print(f"bf16 vs f32 relative RMS error: {rel:.3g}")
-    assert 0 < rel < BF16_REL_RMS_TOL, rel
+  """bf16 compute on the same float32 params: relative RMS error < 5e-2 (measured 1.5e-2..1.9e-2)."""
+  m32, variables, fwd32 = tiny
+  m16 = UNet(**TINY, dtype=jnp.bfloat16)
+  shapes16 = _shape_init(m16, TINY_HW)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes16))
+  assert jax.tree_util.tree_structure(shapes16) == jax.tree_util.tree_structure(_shape_init(m32, TINY_HW))
+  x, t = _inputs(2, TINY_HW)
+  out32 = np.asarray(fwd32(variables, x, t))
+  out16 = _fwd(m16)(variables, x, t)
+  assert out16.dtype == jnp.float32
+  out16 = np.asarray(out16)
+  rel = np.sqrt(np.mean((out16 - out32) ** 2) / np.mean(out32**2))
+  print(f"bf16 vs f32 relative RMS error: {rel:.3g}")
+  assert 0 < rel < BF16_REL_RMS_TOL, rel
 
 
 def test_dropout_only_in_training(tiny):
-    model, variables, fwd = tiny
-    x, t = _inputs(2, TINY_HW)
-    ev1 = np.asarray(fwd(variables, x, t, train=False))
-    ev2 = np.asarray(fwd(variables, x, t, train=False, rngs={"dropout": jax.random.PRNGKey(5)}))
-    np.testing.assert_array_equal(ev1, ev2)
-    # Eval mode equals the numpy reference, which has no dropout at all.
-    ref = np_unet(variables["params"], x, t, None, **TINY)
-    np.testing.assert_allclose(ev1, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
-    tr1 = np.asarray(fwd(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
-    tr1b = np.asarray(fwd(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
-    tr2 = np.asarray(fwd(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)}))
-    np.testing.assert_array_equal(tr1, tr1b)
-    assert not np.allclose(tr1, tr2, atol=1e-3)
-    assert not np.allclose(tr1, ev1, atol=1e-3)
+  model, variables, fwd = tiny
+  x, t = _inputs(2, TINY_HW)
+  ev1 = np.asarray(fwd(variables, x, t, train=False))
+  ev2 = np.asarray(fwd(variables, x, t, train=False, rngs={"dropout": jax.random.PRNGKey(5)}))
+  np.testing.assert_array_equal(ev1, ev2)
+  # Eval mode equals the numpy reference, which has no dropout at all.
+  ref = np_unet(variables["params"], x, t, None, **TINY)
+  np.testing.assert_allclose(ev1, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
+  tr1 = np.asarray(fwd(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+  tr1b = np.asarray(fwd(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+  tr2 = np.asarray(fwd(variables, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)}))
+  np.testing.assert_array_equal(tr1, tr1b)
+  assert not np.allclose(tr1, tr2, atol=1e-3)
+  assert not np.allclose(tr1, ev1, atol=1e-3)
 
 
 def test_per_example_dropout_keys_make_examples_independent(tiny):
-    """With one dropout key per example, an example's output (dropout on) does not depend
-    on the batch it is in; different keys give different masks."""
-    model, variables, _ = tiny
-    x, t = _inputs(2, TINY_HW)
-    keys = jax.random.split(jax.random.PRNGKey(11), 2)
-    f = jax.jit(lambda v, x, t, k: model.apply(v, x, t, train=True, dropout_keys=k))
-    batched = np.asarray(f(variables, x, t, keys))
-    for i in range(2):
-        single = np.asarray(f(variables, x[i : i + 1], t[i : i + 1], keys[i : i + 1]))
-        np.testing.assert_allclose(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
-    other = np.asarray(f(variables, x, t, jax.random.split(jax.random.PRNGKey(12), 2)))
-    assert not np.allclose(other, batched, atol=1e-3)
-    evaluated = np.asarray(model.apply(variables, x, t, train=False, dropout_keys=keys))
-    assert not np.allclose(evaluated, batched, atol=1e-3)  # dropout was really on
+  """With one dropout key per example, an example's output (dropout on) does not depend
+  on the batch it is in; different keys give different masks."""
+  model, variables, _ = tiny
+  x, t = _inputs(2, TINY_HW)
+  keys = jax.random.split(jax.random.PRNGKey(11), 2)
+  f = jax.jit(lambda v, x, t, k: model.apply(v, x, t, train=True, dropout_keys=k))
+  batched = np.asarray(f(variables, x, t, keys))
+  for i in range(2):
+    single = np.asarray(f(variables, x[i : i + 1], t[i : i + 1], keys[i : i + 1]))
+    np.testing.assert_allclose(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
+  other = np.asarray(f(variables, x, t, jax.random.split(jax.random.PRNGKey(12), 2)))
+  assert not np.allclose(other, batched, atol=1e-3)
+  evaluated = np.asarray(model.apply(variables, x, t, train=False, dropout_keys=keys))
+  assert not np.allclose(evaluated, batched, atol=1e-3)  # dropout was really on
 
 
 def test_remat_same_params_outputs_and_grads():
-    cfg = dict(TINY, num_res_blocks=1)  # fewer blocks: two gradient compiles are the slow part
-    plain, remat = UNet(**cfg), UNet(**cfg, remat=True)
-    s_plain, s_remat = _shape_init(plain, TINY_HW), _shape_init(remat, TINY_HW)
-    assert jax.tree_util.tree_structure(s_plain) == jax.tree_util.tree_structure(s_remat)
-    assert jax.tree_util.tree_leaves(s_plain) == jax.tree_util.tree_leaves(s_remat)  # shapes, dtypes
-    variables = {"params": _randomize(s_plain["params"])}
-    x, t = _inputs(2, TINY_HW)
-    rngs = {"dropout": jax.random.PRNGKey(7)}
-    ref = np_unet(variables["params"], x, t, None, **cfg)
-    got = np.asarray(_fwd(remat)(variables, x, t))  # eval mode
-    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
+  cfg = dict(TINY, num_res_blocks=1)  # fewer blocks: two gradient compiles are the slow part
+  plain, remat = UNet(**cfg), UNet(**cfg, remat=True)
+  s_plain, s_remat = _shape_init(plain, TINY_HW), _shape_init(remat, TINY_HW)
+  assert jax.tree_util.tree_structure(s_plain) == jax.tree_util.tree_structure(s_remat)
+  assert jax.tree_util.tree_leaves(s_plain) == jax.tree_util.tree_leaves(s_remat)  # shapes, dtypes
+  variables = {"params": _randomize(s_plain["params"])}
+  x, t = _inputs(2, TINY_HW)
+  rngs = {"dropout": jax.random.PRNGKey(7)}
+  ref = np_unet(variables["params"], x, t, None, **cfg)
+  got = np.asarray(_fwd(remat)(variables, x, t))  # eval mode
+  np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
 
-    def out_and_grad(model):
-        """Training-mode outputs and the grads of 0.5 * sum(out**2), in one jitted call."""
+  def out_and_grad(model):
+    """Training-mode outputs and the grads of 0.5 * sum(out**2), in one jitted call."""
 
-        def f(p):
-            out, vjp = jax.vjp(lambda q: model.apply({"params": q}, x, t, train=True, rngs=rngs), p)
-            return out, vjp(out)[0]
+    def f(p):
+      out, vjp = jax.vjp(lambda q: model.apply({"params": q}, x, t, train=True, rngs=rngs), p)
+      return out, vjp(out)[0]
 
-        return jax.jit(f)(variables["params"])
+    return jax.jit(f)(variables["params"])
 
-    o_plain, g_plain = out_and_grad(plain)
-    o_remat, g_remat = out_and_grad(remat)
-    np.testing.assert_allclose(np.asarray(o_plain), np.asarray(o_remat), atol=1e-5, rtol=1e-5)  # same dropout masks
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), g_plain, g_remat)
-    assert float(jnp.abs(g_plain["down_0_block_0"]["conv1"]["kernel"]).max()) > 0
+  o_plain, g_plain = out_and_grad(plain)
+  o_remat, g_remat = out_and_grad(remat)
+  np.testing.assert_allclose(np.asarray(o_plain), np.asarray(o_remat), atol=1e-5, rtol=1e-5)  # same dropout masks
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), g_plain, g_remat)
+  assert float(jnp.abs(g_plain["down_0_block_0"]["conv1"]["kernel"]).max()) > 0
 
 
 def test_class_conditional():
-    cfg = dict(TINY, num_classes=10)
-    model = UNet(**cfg)
-    x, t = _inputs(2, TINY_HW)
-    params = _tiny_params(model)
-    assert params["class_emb"]["embedding"].shape == (10, 4 * TINY["ch"])
-    n_uncond = count_params(_shape_init(UNet(**TINY), TINY_HW)["params"])
-    assert count_params(params) == n_uncond + 10 * 4 * TINY["ch"]
-    y = jnp.array([3, 7], jnp.int32)
-    fwd = _fwd(model)
-    out = np.asarray(fwd({"params": params}, x, t, y))
-    np.testing.assert_allclose(out, np_unet(params, x, t, y, **cfg), atol=1e-4 * np.abs(out).max(), rtol=1e-4)
-    out_other = np.asarray(fwd({"params": params}, x, t, jnp.array([4, 7], jnp.int32)))
-    assert not np.allclose(out[0], out_other[0], atol=1e-3)  # label changed
-    np.testing.assert_allclose(out[1], out_other[1], atol=1e-5)  # label unchanged
+  cfg = dict(TINY, num_classes=10)
+  model = UNet(**cfg)
+  x, t = _inputs(2, TINY_HW)
+  params = _tiny_params(model)
+  assert params["class_emb"]["embedding"].shape == (10, 4 * TINY["ch"])
+  n_uncond = count_params(_shape_init(UNet(**TINY), TINY_HW)["params"])
+  assert count_params(params) == n_uncond + 10 * 4 * TINY["ch"]
+  y = jnp.array([3, 7], jnp.int32)
+  fwd = _fwd(model)
+  out = np.asarray(fwd({"params": params}, x, t, y))
+  np.testing.assert_allclose(out, np_unet(params, x, t, y, **cfg), atol=1e-4 * np.abs(out).max(), rtol=1e-4)
+  out_other = np.asarray(fwd({"params": params}, x, t, jnp.array([4, 7], jnp.int32)))
+  assert not np.allclose(out[0], out_other[0], atol=1e-3)  # label changed
+  np.testing.assert_allclose(out[1], out_other[1], atol=1e-5)  # label unchanged
 
 
 @pytest.mark.slow
 def test_cifar10_jit_forward_backward():
-    """Full CIFAR-10 model (real init), batch 2, 32x32: jitted MSE loss and grads are finite."""
-    model = UNet()
-    x, t = _inputs(2, 32)
-    noise = jax.random.normal(jax.random.PRNGKey(4), x.shape)
-    params = jax.jit(model.init)(KEY, x, t)["params"]
-    assert count_params(params) == 35_746_307
-    # Paper init: conv_out is ~0, so the output is ~0.
-    assert 0 < float(jnp.abs(params["conv_out"]["kernel"]).max()) < 1e-4
+  """Full CIFAR-10 model (real init), batch 2, 32x32: jitted MSE loss and grads are finite."""
+  model = UNet()
+  x, t = _inputs(2, 32)
+  noise = jax.random.normal(jax.random.PRNGKey(4), x.shape)
+  params = jax.jit(model.init)(KEY, x, t)["params"]
+  assert count_params(params) == 35_746_307
+  # Paper init: conv_out is ~0, so the output is ~0.
+  assert 0 < float(jnp.abs(params["conv_out"]["kernel"]).max()) < 1e-4
 
-    @jax.jit
-    def loss_and_grad(params, key):
-        def loss(p):
-            out = model.apply({"params": p}, x, t, train=True, rngs={"dropout": key})
-            return jnp.mean((out - noise) ** 2)
+  @jax.jit
+  def loss_and_grad(params, key):
+    def loss(p):
+      out = model.apply({"params": p}, x, t, train=True, rngs={"dropout": key})
+      return jnp.mean((out - noise) ** 2)
 
-        return jax.value_and_grad(loss)(params)
+    return jax.value_and_grad(loss)(params)
 
-    loss, grads = loss_and_grad(params, jax.random.PRNGKey(5))
-    # Output ~0 at init, so the loss is E[noise^2].
-    np.testing.assert_allclose(float(loss), float(jnp.mean(noise**2)), rtol=1e-3)
-    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
-    assert float(jnp.abs(grads["conv_out"]["kernel"]).max()) > 0
+  loss, grads = loss_and_grad(params, jax.random.PRNGKey(5))
+  # Output ~0 at init, so the loss is E[noise^2].
+  np.testing.assert_allclose(float(loss), float(jnp.mean(noise**2)), rtol=1e-3)
+  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+  assert float(jnp.abs(grads["conv_out"]["kernel"]).max()) > 0

@@ -82,347 +82,347 @@ GN_EPS = 1e-6
 
 
 def default_init(scale: float = 1.0):
-    """The paper's initialiser: variance_scaling(scale, 'fan_avg', 'uniform').
+  """The paper's initialiser: variance_scaling(scale, 'fan_avg', 'uniform').
 
-    As in the paper's ``nn.default_init``, ``scale == 0`` is mapped to 1e-10
-    (variance scaling with a zero scale is not allowed).
-    """
-    scale = 1e-10 if scale == 0 else scale
-    return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+  As in the paper's ``nn.default_init``, ``scale == 0`` is mapped to 1e-10
+  (variance scaling with a zero scale is not allowed).
+  """
+  scale = 1e-10 if scale == 0 else scale
+  return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
 
 
 def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int) -> jax.Array:
-    """Sinusoidal timestep embedding, exactly as ``nn.get_timestep_embedding`` of the paper.
+  """Sinusoidal timestep embedding, exactly as ``nn.get_timestep_embedding`` of the paper.
 
-    Args:
-      timesteps: ``[B]`` timesteps (ints in ``[0, T)``; any real values are accepted
-        and cast to float32).
-      embedding_dim: output width ``D`` (>= 4; odd widths are zero-padded by one column).
+  Args:
+    timesteps: ``[B]`` timesteps (ints in ``[0, T)``; any real values are accepted
+      and cast to float32).
+    embedding_dim: output width ``D`` (>= 4; odd widths are zero-padded by one column).
 
-    Returns:
-      ``[B, D]`` float32: ``concat([sin(t * f), cos(t * f)], -1)`` with
-      ``f_k = exp(-ln(10000) * k / (D//2 - 1))`` for ``k = 0..D//2-1`` (sin first).
-    """
-    timesteps = jnp.asarray(timesteps)
-    if timesteps.ndim != 1:
-        raise ValueError(f"timesteps must have shape [B], got shape {timesteps.shape}")
-    half_dim = embedding_dim // 2
-    if half_dim < 2:
-        raise ValueError(f"embedding_dim must be >= 4, got {embedding_dim}")
-    scale = math.log(10000) / (half_dim - 1)
-    freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -scale)
-    emb = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=1)
-    if embedding_dim % 2 == 1:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
+  Returns:
+    ``[B, D]`` float32: ``concat([sin(t * f), cos(t * f)], -1)`` with
+    ``f_k = exp(-ln(10000) * k / (D//2 - 1))`` for ``k = 0..D//2-1`` (sin first).
+  """
+  timesteps = jnp.asarray(timesteps)
+  if timesteps.ndim != 1:
+    raise ValueError(f"timesteps must have shape [B], got shape {timesteps.shape}")
+  half_dim = embedding_dim // 2
+  if half_dim < 2:
+    raise ValueError(f"embedding_dim must be >= 4, got {embedding_dim}")
+  scale = math.log(10000) / (half_dim - 1)
+  freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -scale)
+  emb = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=1)
+  if embedding_dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
 
 
 def count_params(params: Any) -> int:
-    """Total number of scalars in a parameter pytree.
+  """Total number of scalars in a parameter pytree.
 
-    Works on concrete arrays and on the ``jax.ShapeDtypeStruct`` tree returned by
-    ``jax.eval_shape(model.init, ...)``.
-    """
-    return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
+  Works on concrete arrays and on the ``jax.ShapeDtypeStruct`` tree returned by
+  ``jax.eval_shape(model.init, ...)``.
+  """
+  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
 def _group_norm(x: jax.Array, name: str, dtype: Any) -> jax.Array:
-    """GroupNorm(32 groups, eps 1e-6) computed in float32, cast back to ``dtype``.
+  """GroupNorm(32 groups, eps 1e-6) computed in float32, cast back to ``dtype``.
 
-    The variance is the two-pass E[(x - mean)^2] like TF's ``tf.nn.moments`` (not
-    E[x^2] - mean^2, which loses precision when |mean| >> std).
-    """
-    y = nn.GroupNorm(
-        num_groups=GN_GROUPS,
-        epsilon=GN_EPS,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        use_fast_variance=False,
-        name=name,
-    )(x.astype(jnp.float32))
-    return y.astype(dtype)
+  The variance is the two-pass E[(x - mean)^2] like TF's ``tf.nn.moments`` (not
+  E[x^2] - mean^2, which loses precision when |mean| >> std).
+  """
+  y = nn.GroupNorm(
+      num_groups=GN_GROUPS,
+      epsilon=GN_EPS,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      use_fast_variance=False,
+      name=name,
+  )(x.astype(jnp.float32))
+  return y.astype(dtype)
 
 
 def _conv3x3(features: int, name: str, dtype: Any, init_scale: float = 1.0, strides: int = 1) -> nn.Conv:
-    """3x3 conv with TF 'SAME' padding (the paper's ``nn.conv2d``)."""
-    return nn.Conv(
-        features,
-        kernel_size=(3, 3),
-        strides=(strides, strides),
-        padding="SAME",
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=default_init(init_scale),
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+  """3x3 conv with TF 'SAME' padding (the paper's ``nn.conv2d``)."""
+  return nn.Conv(
+      features,
+      kernel_size=(3, 3),
+      strides=(strides, strides),
+      padding="SAME",
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=default_init(init_scale),
+      bias_init=nn.initializers.zeros,
+      name=name,
+  )
 
 
 def _dense(features: int, name: str, dtype: Any, init_scale: float = 1.0) -> nn.Dense:
-    """Dense over the last axis (the paper's ``nn.dense`` and ``nn.nin``)."""
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=default_init(init_scale),
-        bias_init=nn.initializers.zeros,
-        name=name,
-    )
+  """Dense over the last axis (the paper's ``nn.dense`` and ``nn.nin``)."""
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=default_init(init_scale),
+      bias_init=nn.initializers.zeros,
+      name=name,
+  )
 
 
 def _dropout(h: jax.Array, rate: float, train: bool, keys: Optional[jax.Array], name: str) -> jax.Array:
-    """Dropout from the 'dropout' rng stream, or from one key per example.
+  """Dropout from the 'dropout' rng stream, or from one key per example.
 
-    With ``keys`` ([B] keys) example b's mask depends only on keys[b] and the
-    block's name, not on the batch it sits in.
-    """
-    if not train or rate == 0.0:
-        return h
-    if keys is None:
-        return nn.Dropout(rate=rate, deterministic=False)(h)
-    salt = zlib.crc32(name.encode()) & 0x7FFFFFFF
-    keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), 1.0 - rate, h.shape[1:]))(keys)
-    return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
+  With ``keys`` ([B] keys) example b's mask depends only on keys[b] and the
+  block's name, not on the batch it sits in.
+  """
+  if not train or rate == 0.0:
+    return h
+  if keys is None:
+    return nn.Dropout(rate=rate, deterministic=False)(h)
+  salt = zlib.crc32(name.encode()) & 0x7FFFFFFF
+  keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), 1.0 - rate, h.shape[1:]))(keys)
+  return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
 
 
 class ResnetBlock(nn.Module):
-    """Wide-ResNet block with timestep conditioning (the paper's ``resnet_block``).
+  """Wide-ResNet block with timestep conditioning (the paper's ``resnet_block``).
 
-    ``norm1 -> swish -> conv1 -> + temb_proj(swish(temb)) -> norm2 -> swish ->
-    dropout -> conv2``, plus the input (through ``nin_shortcut`` when the
-    channel count changes).
+  ``norm1 -> swish -> conv1 -> + temb_proj(swish(temb)) -> norm2 -> swish ->
+  dropout -> conv2``, plus the input (through ``nin_shortcut`` when the
+  channel count changes).
+  """
+
+  out_ch: int  # output channels (must be divisible by 32)
+  dropout: float = 0.0  # dropout rate before conv2 (applied only when train=True)
+  dtype: Any = jnp.float32  # computation dtype; params are float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False,
+               dropout_keys: Optional[jax.Array] = None) -> jax.Array:
+    """Args: x ``[B, H, W, C]``; temb ``[B, E]``; train: enables dropout;
+    dropout_keys: optional ``[B]`` PRNG keys, one per example (see ``UNet``).
+
+    Returns ``[B, H, W, out_ch]`` in ``dtype``.
     """
-
-    out_ch: int  # output channels (must be divisible by 32)
-    dropout: float = 0.0  # dropout rate before conv2 (applied only when train=True)
-    dtype: Any = jnp.float32  # computation dtype; params are float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False,
-                 dropout_keys: Optional[jax.Array] = None) -> jax.Array:
-        """Args: x ``[B, H, W, C]``; temb ``[B, E]``; train: enables dropout;
-        dropout_keys: optional ``[B]`` PRNG keys, one per example (see ``UNet``).
-
-        Returns ``[B, H, W, out_ch]`` in ``dtype``.
-        """
-        in_ch = x.shape[-1]
-        x = x.astype(self.dtype)
-        h = nn.swish(_group_norm(x, "norm1", self.dtype))
-        h = _conv3x3(self.out_ch, "conv1", self.dtype)(h)
-        h = h + _dense(self.out_ch, "temb_proj", self.dtype)(nn.swish(temb.astype(self.dtype)))[:, None, None, :]
-        h = nn.swish(_group_norm(h, "norm2", self.dtype))
-        h = _dropout(h, self.dropout, train, dropout_keys, self.name)
-        h = _conv3x3(self.out_ch, "conv2", self.dtype, init_scale=0.0)(h)
-        if in_ch != self.out_ch:
-            x = _dense(self.out_ch, "nin_shortcut", self.dtype)(x)
-        return x + h
+    in_ch = x.shape[-1]
+    x = x.astype(self.dtype)
+    h = nn.swish(_group_norm(x, "norm1", self.dtype))
+    h = _conv3x3(self.out_ch, "conv1", self.dtype)(h)
+    h = h + _dense(self.out_ch, "temb_proj", self.dtype)(nn.swish(temb.astype(self.dtype)))[:, None, None, :]
+    h = nn.swish(_group_norm(h, "norm2", self.dtype))
+    h = _dropout(h, self.dropout, train, dropout_keys, self.name)
+    h = _conv3x3(self.out_ch, "conv2", self.dtype, init_scale=0.0)(h)
+    if in_ch != self.out_ch:
+      x = _dense(self.out_ch, "nin_shortcut", self.dtype)(x)
+    return x + h
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions (the paper's ``attn_block``)."""
+  """Single-head self-attention over all H*W positions (the paper's ``attn_block``)."""
 
-    dtype: Any = jnp.float32  # computation dtype; the softmax is always float32
+  dtype: Any = jnp.float32  # computation dtype; the softmax is always float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Args: x ``[B, H, W, C]``. Returns ``x + proj_out(attention)``, ``[B, H, W, C]``."""
-        B, H, W, C = x.shape
-        x = x.astype(self.dtype)
-        h = _group_norm(x, "norm", self.dtype)
-        q = _dense(C, "q", self.dtype)(h).reshape(B, H * W, C)
-        k = _dense(C, "k", self.dtype)(h).reshape(B, H * W, C)
-        v = _dense(C, "v", self.dtype)(h).reshape(B, H * W, C)
-        w = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (C ** -0.5)
-        w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(self.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
-        h = _dense(C, "proj_out", self.dtype, init_scale=0.0)(h)
-        return x + h
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B, H, W, C]``. Returns ``x + proj_out(attention)``, ``[B, H, W, C]``."""
+    B, H, W, C = x.shape
+    x = x.astype(self.dtype)
+    h = _group_norm(x, "norm", self.dtype)
+    q = _dense(C, "q", self.dtype)(h).reshape(B, H * W, C)
+    k = _dense(C, "k", self.dtype)(h).reshape(B, H * W, C)
+    v = _dense(C, "v", self.dtype)(h).reshape(B, H * W, C)
+    w = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (C ** -0.5)
+    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(self.dtype)
+    h = jnp.einsum("bqk,bkc->bqc", w, v).reshape(B, H, W, C)
+    h = _dense(C, "proj_out", self.dtype, init_scale=0.0)(h)
+    return x + h
 
 
 class Downsample(nn.Module):
-    """Halve H and W: 3x3 stride-2 conv with TF 'SAME' padding, or 2x2 average pooling.
+  """Halve H and W: 3x3 stride-2 conv with TF 'SAME' padding, or 2x2 average pooling.
 
-    For even sizes TF/lax 'SAME' pads 0 rows/cols on top/left and 1 on bottom/right.
-    """
+  For even sizes TF/lax 'SAME' pads 0 rows/cols on top/left and 1 on bottom/right.
+  """
 
-    with_conv: bool = True  # conv (True) or 2x2 average pool (False)
-    dtype: Any = jnp.float32  # computation dtype
+  with_conv: bool = True  # conv (True) or 2x2 average pool (False)
+  dtype: Any = jnp.float32  # computation dtype
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Args: x ``[B, H, W, C]`` with even H, W. Returns ``[B, H/2, W/2, C]``."""
-        x = x.astype(self.dtype)
-        if self.with_conv:
-            return _conv3x3(x.shape[-1], "conv", self.dtype, strides=2)(x)
-        return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B, H, W, C]`` with even H, W. Returns ``[B, H/2, W/2, C]``."""
+    x = x.astype(self.dtype)
+    if self.with_conv:
+      return _conv3x3(x.shape[-1], "conv", self.dtype, strides=2)(x)
+    return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
 
 
 class Upsample(nn.Module):
-    """Double H and W by nearest-neighbour repetition, then optionally a 3x3 conv.
+  """Double H and W by nearest-neighbour repetition, then optionally a 3x3 conv.
 
-    (The paper's ``tf.image.resize(..., NEAREST_NEIGHBOR, align_corners=True)``
-    equals plain 2x repetition for an exact factor-2 resize.)
-    """
+  (The paper's ``tf.image.resize(..., NEAREST_NEIGHBOR, align_corners=True)``
+  equals plain 2x repetition for an exact factor-2 resize.)
+  """
 
-    with_conv: bool = True  # follow the resize with a 3x3 conv
-    dtype: Any = jnp.float32  # computation dtype
+  with_conv: bool = True  # follow the resize with a 3x3 conv
+  dtype: Any = jnp.float32  # computation dtype
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Args: x ``[B, H, W, C]``. Returns ``[B, 2H, 2W, C]``."""
-        x = x.astype(self.dtype)
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        if self.with_conv:
-            x = _conv3x3(x.shape[-1], "conv", self.dtype)(x)
-        return x
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B, H, W, C]``. Returns ``[B, 2H, 2W, C]``."""
+    x = x.astype(self.dtype)
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = _conv3x3(x.shape[-1], "conv", self.dtype)(x)
+    return x
 
 
 class UNet(nn.Module):
-    """The DDPM noise-prediction U-Net (see the module docstring for the layout and names).
+  """The DDPM noise-prediction U-Net (see the module docstring for the layout and names).
 
-    Defaults are the paper's CIFAR-10 model (35,746,307 parameters).
+  Defaults are the paper's CIFAR-10 model (35,746,307 parameters).
+  """
+
+  ch: int = 128  # base channel count (must be a positive multiple of 32, the GroupNorm groups)
+  ch_mult: tuple = (1, 2, 2, 2)  # per-level channel multipliers; level i has ch*ch_mult[i] channels
+  num_res_blocks: int = 2  # ResnetBlocks per level on the down path (up path has one more)
+  attn_resolutions: tuple = (16,)  # feature-map heights at which an AttnBlock follows each ResnetBlock
+  dropout: float = 0.1  # dropout rate inside ResnetBlocks (only when train=True)
+  resamp_with_conv: bool = True  # use convs in Downsample/Upsample (else avg-pool / plain resize)
+  out_ch: int = 3  # output channels (3 for eps prediction; 6 to also output variances)
+  num_classes: Optional[int] = None  # extension: if set, a learned class embedding (4*ch) is added to temb
+  dtype: Any = jnp.float32  # computation dtype (e.g. jnp.bfloat16); params, GroupNorm, softmax and output stay float32
+  remat: bool = False  # rematerialise ResnetBlocks in the backward pass (memory switch; same outputs/params)
+
+  def _check_config(self) -> None:
+    def bad(msg: str) -> None:
+      raise ValueError(msg)
+
+    if not isinstance(self.ch, (int, np.integer)) or self.ch <= 0 or self.ch % GN_GROUPS != 0:
+      bad(f"model.ch={self.ch!r} must be a positive multiple of {GN_GROUPS} (the GroupNorm group count)")
+    if len(self.ch_mult) == 0 or any(
+        not isinstance(m, (int, np.integer)) or m <= 0 for m in self.ch_mult
+    ):
+      bad(f"model.ch_mult={self.ch_mult!r} must be a non-empty tuple of positive ints")
+    if not isinstance(self.num_res_blocks, (int, np.integer)) or self.num_res_blocks < 1:
+      bad(f"model.num_res_blocks={self.num_res_blocks!r} must be a positive int")
+    if not 0.0 <= float(self.dropout) < 1.0:
+      bad(f"model.dropout={self.dropout!r} must be in [0, 1)")
+    if not isinstance(self.out_ch, (int, np.integer)) or self.out_ch <= 0:
+      bad(f"model.out_ch={self.out_ch!r} must be a positive int")
+    if self.num_classes is not None and (
+        not isinstance(self.num_classes, (int, np.integer)) or self.num_classes <= 0
+    ):
+      bad(f"model.num_classes={self.num_classes!r} must be None or a positive int")
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      t: jax.Array,
+      y: Optional[jax.Array] = None,
+      train: bool = False,
+      dropout_keys: Optional[jax.Array] = None,
+  ) -> jax.Array:
+    """Predict the noise (and optionally variances) for a batch.
+
+    Args:
+      x: ``[B, H, W, C]`` float images in ``[-1, 1]`` (NHWC); H and W must be
+        divisible by ``2**(len(ch_mult)-1)``.
+      t: ``[B]`` int timesteps in ``[0, T)``.
+      y: ``[B]`` int class labels in ``[0, num_classes)``; required iff
+        ``num_classes`` is set, must be None otherwise.
+      train: enables dropout (needs ``rngs={'dropout': key}`` or ``dropout_keys``).
+      dropout_keys: ``[B]`` PRNG keys, one per example: each example's dropout
+        masks then depend on its key alone, so a batch gives the same outputs as
+        its examples run one at a time (the trainer uses this to make training
+        independent of how the batch is split over devices).
+
+    Returns:
+      ``[B, H, W, out_ch]`` float32.
     """
+    self._check_config()
+    if x.ndim != 4:
+      raise ValueError(f"x must have shape [B, H, W, C] (NHWC), got shape {x.shape}")
+    B, H, W, _ = x.shape
+    factor = 2 ** (len(self.ch_mult) - 1)
+    for size in (H, W):
+      if size % factor != 0:
+        raise ValueError(
+            f"image size {size} is not divisible by 2**(len(ch_mult)-1)={factor} "
+            f"(model.ch_mult={tuple(self.ch_mult)}); got x of shape {x.shape}"
+        )
+    t = jnp.asarray(t)
+    if t.shape != (B,):
+      raise ValueError(f"t must have shape [B]=({B},), got shape {t.shape}")
+    if self.num_classes is None and y is not None:
+      raise ValueError("y (class labels) was given but model.num_classes is None")
+    if self.num_classes is not None:
+      if y is None:
+        raise ValueError(f"model.num_classes={self.num_classes} requires class labels y of shape [B]")
+      y = jnp.asarray(y)
+      if y.shape != (B,):
+        raise ValueError(f"y must have shape [B]=({B},), got shape {y.shape}")
 
-    ch: int = 128  # base channel count (must be a positive multiple of 32, the GroupNorm groups)
-    ch_mult: tuple = (1, 2, 2, 2)  # per-level channel multipliers; level i has ch*ch_mult[i] channels
-    num_res_blocks: int = 2  # ResnetBlocks per level on the down path (up path has one more)
-    attn_resolutions: tuple = (16,)  # feature-map heights at which an AttnBlock follows each ResnetBlock
-    dropout: float = 0.1  # dropout rate inside ResnetBlocks (only when train=True)
-    resamp_with_conv: bool = True  # use convs in Downsample/Upsample (else avg-pool / plain resize)
-    out_ch: int = 3  # output channels (3 for eps prediction; 6 to also output variances)
-    num_classes: Optional[int] = None  # extension: if set, a learned class embedding (4*ch) is added to temb
-    dtype: Any = jnp.float32  # computation dtype (e.g. jnp.bfloat16); params, GroupNorm, softmax and output stay float32
-    remat: bool = False  # rematerialise ResnetBlocks in the backward pass (memory switch; same outputs/params)
+    dt = self.dtype
+    ch = self.ch
+    num_resolutions = len(self.ch_mult)
+    block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
 
-    def _check_config(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(msg)
+    def resblock(h, out_ch, name):
+      return block_cls(out_ch=out_ch, dropout=self.dropout, dtype=dt, name=name)(
+          h, temb, train, dropout_keys)
 
-        if not isinstance(self.ch, (int, np.integer)) or self.ch <= 0 or self.ch % GN_GROUPS != 0:
-            bad(f"model.ch={self.ch!r} must be a positive multiple of {GN_GROUPS} (the GroupNorm group count)")
-        if len(self.ch_mult) == 0 or any(
-            not isinstance(m, (int, np.integer)) or m <= 0 for m in self.ch_mult
-        ):
-            bad(f"model.ch_mult={self.ch_mult!r} must be a non-empty tuple of positive ints")
-        if not isinstance(self.num_res_blocks, (int, np.integer)) or self.num_res_blocks < 1:
-            bad(f"model.num_res_blocks={self.num_res_blocks!r} must be a positive int")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            bad(f"model.dropout={self.dropout!r} must be in [0, 1)")
-        if not isinstance(self.out_ch, (int, np.integer)) or self.out_ch <= 0:
-            bad(f"model.out_ch={self.out_ch!r} must be a positive int")
-        if self.num_classes is not None and (
-            not isinstance(self.num_classes, (int, np.integer)) or self.num_classes <= 0
-        ):
-            bad(f"model.num_classes={self.num_classes!r} must be None or a positive int")
+    # Timestep embedding.
+    temb = get_timestep_embedding(t, ch)
+    temb = _dense(4 * ch, "temb_dense0", dt)(temb.astype(dt))
+    temb = _dense(4 * ch, "temb_dense1", dt)(nn.swish(temb))
+    if self.num_classes is not None:
+      emb = nn.Embed(
+          self.num_classes,
+          4 * ch,
+          dtype=dt,
+          param_dtype=jnp.float32,
+          embedding_init=nn.initializers.normal(stddev=1.0),
+          name="class_emb",
+      )
+      temb = temb + emb(y)
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        t: jax.Array,
-        y: Optional[jax.Array] = None,
-        train: bool = False,
-        dropout_keys: Optional[jax.Array] = None,
-    ) -> jax.Array:
-        """Predict the noise (and optionally variances) for a batch.
+    # Downsampling.
+    hs = [_conv3x3(ch, "conv_in", dt)(x.astype(dt))]
+    for i_level in range(num_resolutions):
+      for i_block in range(self.num_res_blocks):
+        h = resblock(hs[-1], ch * self.ch_mult[i_level], f"down_{i_level}_block_{i_block}")
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(dtype=dt, name=f"down_{i_level}_attn_{i_block}")(h)
+        hs.append(h)
+      if i_level != num_resolutions - 1:
+        hs.append(
+            Downsample(self.resamp_with_conv, dtype=dt, name=f"down_{i_level}_downsample")(hs[-1])
+        )
 
-        Args:
-          x: ``[B, H, W, C]`` float images in ``[-1, 1]`` (NHWC); H and W must be
-            divisible by ``2**(len(ch_mult)-1)``.
-          t: ``[B]`` int timesteps in ``[0, T)``.
-          y: ``[B]`` int class labels in ``[0, num_classes)``; required iff
-            ``num_classes`` is set, must be None otherwise.
-          train: enables dropout (needs ``rngs={'dropout': key}`` or ``dropout_keys``).
-          dropout_keys: ``[B]`` PRNG keys, one per example: each example's dropout
-            masks then depend on its key alone, so a batch gives the same outputs as
-            its examples run one at a time (the trainer uses this to make training
-            independent of how the batch is split over devices).
+    # Middle.
+    h = hs[-1]
+    h = resblock(h, h.shape[-1], "mid_block_1")
+    h = AttnBlock(dtype=dt, name="mid_attn_1")(h)
+    h = resblock(h, h.shape[-1], "mid_block_2")
 
-        Returns:
-          ``[B, H, W, out_ch]`` float32.
-        """
-        self._check_config()
-        if x.ndim != 4:
-            raise ValueError(f"x must have shape [B, H, W, C] (NHWC), got shape {x.shape}")
-        B, H, W, _ = x.shape
-        factor = 2 ** (len(self.ch_mult) - 1)
-        for size in (H, W):
-            if size % factor != 0:
-                raise ValueError(
-                    f"image size {size} is not divisible by 2**(len(ch_mult)-1)={factor} "
-                    f"(model.ch_mult={tuple(self.ch_mult)}); got x of shape {x.shape}"
-                )
-        t = jnp.asarray(t)
-        if t.shape != (B,):
-            raise ValueError(f"t must have shape [B]=({B},), got shape {t.shape}")
-        if self.num_classes is None and y is not None:
-            raise ValueError("y (class labels) was given but model.num_classes is None")
-        if self.num_classes is not None:
-            if y is None:
-                raise ValueError(f"model.num_classes={self.num_classes} requires class labels y of shape [B]")
-            y = jnp.asarray(y)
-            if y.shape != (B,):
-                raise ValueError(f"y must have shape [B]=({B},), got shape {y.shape}")
+    # Upsampling.
+    for i_level in reversed(range(num_resolutions)):
+      for i_block in range(self.num_res_blocks + 1):
+        h = resblock(
+            jnp.concatenate([h, hs.pop()], axis=-1),
+            ch * self.ch_mult[i_level],
+            f"up_{i_level}_block_{i_block}",
+        )
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(dtype=dt, name=f"up_{i_level}_attn_{i_block}")(h)
+      if i_level != 0:
+        h = Upsample(self.resamp_with_conv, dtype=dt, name=f"up_{i_level}_upsample")(h)
+    assert not hs
 
-        dt = self.dtype
-        ch = self.ch
-        num_resolutions = len(self.ch_mult)
-        block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
-
-        def resblock(h, out_ch, name):
-            return block_cls(out_ch=out_ch, dropout=self.dropout, dtype=dt, name=name)(
-                h, temb, train, dropout_keys)
-
-        # Timestep embedding.
-        temb = get_timestep_embedding(t, ch)
-        temb = _dense(4 * ch, "temb_dense0", dt)(temb.astype(dt))
-        temb = _dense(4 * ch, "temb_dense1", dt)(nn.swish(temb))
-        if self.num_classes is not None:
-            emb = nn.Embed(
-                self.num_classes,
-                4 * ch,
-                dtype=dt,
-                param_dtype=jnp.float32,
-                embedding_init=nn.initializers.normal(stddev=1.0),
-                name="class_emb",
-            )
-            temb = temb + emb(y)
-
-        # Downsampling.
-        hs = [_conv3x3(ch, "conv_in", dt)(x.astype(dt))]
-        for i_level in range(num_resolutions):
-            for i_block in range(self.num_res_blocks):
-                h = resblock(hs[-1], ch * self.ch_mult[i_level], f"down_{i_level}_block_{i_block}")
-                if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dtype=dt, name=f"down_{i_level}_attn_{i_block}")(h)
-                hs.append(h)
-            if i_level != num_resolutions - 1:
-                hs.append(
-                    Downsample(self.resamp_with_conv, dtype=dt, name=f"down_{i_level}_downsample")(hs[-1])
-                )
-
-        # Middle.
-        h = hs[-1]
-        h = resblock(h, h.shape[-1], "mid_block_1")
-        h = AttnBlock(dtype=dt, name="mid_attn_1")(h)
-        h = resblock(h, h.shape[-1], "mid_block_2")
-
-        # Upsampling.
-        for i_level in reversed(range(num_resolutions)):
-            for i_block in range(self.num_res_blocks + 1):
-                h = resblock(
-                    jnp.concatenate([h, hs.pop()], axis=-1),
-                    ch * self.ch_mult[i_level],
-                    f"up_{i_level}_block_{i_block}",
-                )
-                if h.shape[1] in self.attn_resolutions:
-                    h = AttnBlock(dtype=dt, name=f"up_{i_level}_attn_{i_block}")(h)
-            if i_level != 0:
-                h = Upsample(self.resamp_with_conv, dtype=dt, name=f"up_{i_level}_upsample")(h)
-        assert not hs
-
-        # End.
-        h = nn.swish(_group_norm(h, "norm_out", dt))
-        h = _conv3x3(self.out_ch, "conv_out", dt, init_scale=0.0)(h)
-        return h.astype(jnp.float32)
+    # End.
+    h = nn.swish(_group_norm(h, "norm_out", dt))
+    h = _conv3x3(self.out_ch, "conv_out", dt, init_scale=0.0)(h)
+    return h.astype(jnp.float32)
