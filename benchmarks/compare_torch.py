@@ -7,7 +7,8 @@ the paper's CIFAR-10 U-Net (batch 8) and the 1.1M-parameter U-Net (ch 32,
 ch_mult (1,2,2), one res block per level, attention at 16x16; batch 32), and
 1000-step sampling of 16 images of the 1.1M model. Prints every JSON line it
 gets, then one summary line per case: the medians and our/peer images-per-s
-ratio. The peer needs torch and diffusers (requirements-bench.txt) in the
+ratio. --dtype=bfloat16 runs both sides in bfloat16 compute (float32 weights).
+The peer needs torch and diffusers (requirements-bench.txt) in the
 interpreter given by --torch_python; the machine should be otherwise idle.
 """
 
@@ -50,17 +51,21 @@ def main():
   parser.add_argument("--torch_python", required=True)
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--cases", default=",".join(CASES))
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="compute dtype on both sides (ours: model.dtype; peer: torch.autocast)")
   args = parser.parse_args()
   summary = []
   for case in args.cases.split(","):
     ours_cmd, peer_args = CASES[case]
     ours, peer = [], []
     for _ in range(args.reps):
-      ours.append(run([sys.executable, os.path.join(HERE, ours_cmd[0]), *ours_cmd[1:]]))
-      peer.append(run([args.torch_python, os.path.join(HERE, "torch_peer.py"), *peer_args]))
+      ours.append(run([sys.executable, os.path.join(HERE, ours_cmd[0]), *ours_cmd[1:],
+                       f"--config.model.dtype={args.dtype}"]))
+      peer.append(run([args.torch_python, os.path.join(HERE, "torch_peer.py"), *peer_args,
+                       f"--dtype={args.dtype}"]))
     ours_ips = statistics.median(r["images_per_s"] for r in ours)
     peer_ips = statistics.median(r["images_per_s"] for r in peer)
-    summary.append(dict(case=case, reps=args.reps, ours_images_per_s=ours_ips,
+    summary.append(dict(case=case, dtype=args.dtype, reps=args.reps, ours_images_per_s=ours_ips,
                         peer_images_per_s=peer_ips, ratio=round(ours_ips / peer_ips, 3)))
   for s in summary:
     print(json.dumps(s))

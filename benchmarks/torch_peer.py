@@ -19,6 +19,8 @@ Modes:
           step, like diffusers' DDPMPipeline, with DDPMScheduler(variance_type="fixed_large",
           clip_sample=True) (sigma_t^2 = beta_t, x0 clipped to [-1, 1]); eval mode, inference_mode.
           --warmup untimed model calls, then --reps timed full loops; median_s is the median loop time.
+  --dtype=bfloat16 runs the model call under torch.autocast (bfloat16 compute, float32
+  weights, optimizer and sampler state), the counterpart of our model.dtype='bfloat16'.
 
 Prints progress and the parameter count on stderr and one JSON line on stdout.
 
@@ -107,6 +109,11 @@ def build_model(name, image_size=None):
     return UNet2DModel(**cfg)
 
 
+def autocast(args):
+    """bfloat16 autocast around the model call (weights and optimizer stay float32), or nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -127,7 +134,8 @@ def bench_train(model, args, size):
         t = torch.randint(0, NUM_TIMESTEPS, (b,))
         eps = torch.randn_like(x0)
         x_t = sqrt_ab[t].view(b, 1, 1, 1) * x0 + sqrt_1mab[t].view(b, 1, 1, 1) * eps
-        eps_pred = model(x_t, t).sample
+        with autocast(args):
+            eps_pred = model(x_t, t).sample.float()
         loss = torch.nn.functional.mse_loss(eps_pred, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,7 +176,8 @@ def bench_sample(model, args, size):
         x = torch.randn(n, 3, size, size, generator=gen)
         for i in range(args.warmup):
             t0 = time.perf_counter()
-            model(x, scheduler.timesteps[0]).sample
+            with autocast(args):
+                model(x, scheduler.timesteps[0]).sample
             log(f"warmup call {i}: {time.perf_counter() - t0:.3f}s")
 
         times, step_times = [], []
@@ -177,7 +186,8 @@ def bench_sample(model, args, size):
             x = torch.randn(n, 3, size, size, generator=gen)
             ts = t0
             for t in scheduler.timesteps:  # a plain Python loop, one model call per step
-                eps = model(x, t).sample
+                with autocast(args):
+                    eps = model(x, t).sample.float()
                 x = scheduler.step(eps, t, x, generator=gen).prev_sample
                 te = time.perf_counter()
                 step_times.append(te - ts)
@@ -205,6 +215,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default: train 3, sample 3 calls)")
     p.add_argument("--image-size", type=int, default=None, help="override sample_size (default 32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of the model call (bfloat16: torch.autocast, float32 weights)")
     args = p.parse_args(argv)
     if args.reps is None:
         args.reps = 5 if args.mode == "train" else 1
@@ -243,6 +255,7 @@ def main(argv=None):
         "batch": per_iter,
         "threads": torch.get_num_threads(),
         "params": params,
+        "dtype": args.dtype,
         "median_s": round(med, 6),
         "images_per_s": round(per_iter / med, 4),
         "reps": args.reps,
