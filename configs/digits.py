@@ -8,13 +8,18 @@ the network and the schedule of optimisation are scaled down to fit a laptop.
 from configs import default
 
 
-def get_config():
-  config = default.get_config()
+def use_digits_data(config):
+  """Points ``config.data`` at the embedded digits; shared with configs/test.py."""
   config.data.dataset = "digits"
   config.data.image_size = 8
   config.data.channels = 1
   config.data.random_flip = False  # digits are not mirror-symmetric
   config.data.eval_split = "test"  # the last 297 digits
+  return config
+
+
+def get_config():
+  config = use_digits_data(default.get_config())
   config.model.ch = 32
   config.model.ch_mult = (1, 2, 2)  # 8x8 -> 4x4 -> 2x2
   config.model.num_res_blocks = 1  # 1.1M parameters (the paper: 2 blocks, 35.7M)

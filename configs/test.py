@@ -1,14 +1,11 @@
 """A tiny setting for the test suite: digits, a two-level U-Net, 8 examples a step."""
 
 from configs import default
+from configs import digits
 
 
 def get_config():
-  config = default.get_config()
-  config.data.dataset = "digits"
-  config.data.image_size = 8
-  config.data.channels = 1
-  config.data.random_flip = False  # digits are not mirror-symmetric
+  config = digits.use_digits_data(default.get_config())  # only the data part of digits.py
   config.model.ch = 32
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1
