@@ -251,6 +251,11 @@ def main(argv):
     if message is None:
       raise
     logging.error("%s: %s", type(e).__name__, message)
+    # A failed asynchronous checkpoint write can leave a future whose error asyncio
+    # logs only when it is garbage-collected at interpreter exit, after the log file
+    # is closed; logging would then print its own traceback ("I/O operation on
+    # closed file"). The error is reported above, so such late records are dropped.
+    logging.logging.raiseExceptions = False
     _fail(message)
 
 
