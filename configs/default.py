@@ -33,7 +33,7 @@ def get_config():
   model.attn_resolutions = (16,)  # resolutions with self-attention (paper: 16x16)
   model.dropout = 0.1             # dropout in the ResNet blocks (paper: 0.1 for CIFAR-10)
   model.resamp_with_conv = True   # strided conv down / conv after nearest up (paper: True)
-  model.num_classes = 0           # >0: class-conditional with a learned label embedding (extension); 0: unconditional
+  model.num_classes = 0           # 0: unconditional (the only setting main.py runs; the U-Net alone also takes labels)
   model.dtype = "float32"         # computation dtype: 'float32' or 'bfloat16' (params, norms, softmax stay float32)
   model.remat = False             # rematerialise ResNet blocks in the backward pass (saves memory, costs compute)
 

@@ -96,6 +96,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
            m.attn_resolutions, f"each must be one of the U-Net's resolutions {sorted(resolutions)}")
   _number(config, "model.dropout", 0.0, 1.0, closed_high=False)
   _int(config, "model.num_classes", 0)
+  _require(m.num_classes == 0, "model.num_classes", m.num_classes,
+           "class-conditional runs are not supported yet: the U-Net accepts labels, but the input "
+           "pipeline yields none and the samplers draw none; use 0 (unconditional)")
   _choice(config, "model.dtype", ("float32", "bfloat16"))
 
   # diffusion

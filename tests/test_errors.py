@@ -107,6 +107,14 @@ def test_attention_resolution_not_in_unet():
       "resolutions [4, 8]")
 
 
+def test_class_conditional_runs_are_refused_at_start_up():
+  # The U-Net takes labels, but nothing feeds them: training would crash in the first step.
+  assert validation_error(model__num_classes=10) == (
+      "config.model.num_classes=10 is invalid: class-conditional runs are not supported yet: "
+      "the U-Net accepts labels, but the input pipeline yields none and the samplers draw none; "
+      "use 0 (unconditional)")
+
+
 def test_unknown_dataset():
   assert validation_error(data__dataset="mnist") == (
       "config.data.dataset='mnist' is invalid: must be one of ('digits', 'cifar10', "
