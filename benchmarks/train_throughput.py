@@ -65,6 +65,8 @@ def main(argv):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops_per_call = float(cost.get("flops", 0.0)) * d  # cost analysis is per device
+  if train.multi_step_loop(config) == "scan":
+    flops_per_call *= n  # XLA's cost analysis counts a while-loop body once
 
   for _ in range(FLAGS.warmup):
     state, metrics = p_step(state, batch)
@@ -85,7 +87,8 @@ def main(argv):
   print(json.dumps(dict(
       framework="jax", jax_version=jax.__version__, platform=jax.devices()[0].platform,
       devices=d, batch=config.training.batch_size, image_size=config.data.image_size,
-      dtype=config.model.dtype, steps_per_call=n, grad_accum_steps=config.training.grad_accum_steps,
+      dtype=config.model.dtype, steps_per_call=n, multi_step_loop=train.multi_step_loop(config),
+      grad_accum_steps=config.training.grad_accum_steps,
       remat=config.model.remat,
       params=int(sum(x.size for x in jax.tree.leaves(train.unreplicate(state.params)))),
       compile_s=round(compile_s, 2), median_step_s=round(step_s, 5),

@@ -63,6 +63,44 @@ def test_trajectory_does_not_depend_on_device_count_or_micro_batches():
   assert moved > 1e-4
 
 
+@pytest.mark.parametrize("loop", ["scan", "unroll"])
+def test_several_steps_per_call_are_the_same_steps(loop):
+  """steps_per_call=2 (lax.scan or unrolled) follows the trajectory of one step per call."""
+  config = test_config.get_config()
+  devices = jax.local_devices()[:2]
+  ref, ref_metrics = run_steps(config, devices, 4)
+  config.training.steps_per_call, config.training.multi_step_loop = 2, loop
+  model = train.build_model(config)
+  tx = train.create_optimizer(config.optim)
+  p_state = train.replicate(train.create_train_state(config, model, tx), devices)
+  p_step = train.make_p_train_step(model, train.build_diffusion(config), tx, config, devices=devices)
+  images = input_pipeline.load_split_array(config.data, "train")
+  losses = []
+  for first in (0, 2):
+    batch = np.stack([input_pipeline.get_local_batch(
+        images, s, config.training.batch_size, config.data.shuffle_seed, config.data.random_flip,
+        0, 1, len(devices)) for s in (first, first + 1)], axis=1)  # [D, 2, b, H, W, C]
+    p_state, m = p_step(p_state, next(input_pipeline.prefetch_to_device(iter([batch]), 1, devices)))
+    assert m["loss"].shape == (2, 2)  # [devices, steps]
+    losses.extend(np.asarray(m["loss"][0]))
+  state = train.unreplicate(p_state)
+  assert int(state.step) == 4
+  np.testing.assert_allclose(losses, [m["loss"] for m in ref_metrics], rtol=1e-5)
+  # Another program, so other float32 rounding; tolerances as in the device-count test above.
+  assert_trees_close(ref[-1].params, state.params, rtol=1e-4, atol=1e-5)
+  assert_trees_close(ref[-1].ema_params, state.ema_params, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_multi_step_loop_unrolls_on_cpu_only():
+  config = test_config.get_config()
+  assert config.training.multi_step_loop == "auto"
+  assert train.multi_step_loop(config, "cpu") == "unroll"
+  assert train.multi_step_loop(config, "tpu") == "scan"
+  assert train.multi_step_loop(config, "gpu") == "scan"
+  config.training.multi_step_loop = "scan"
+  assert train.multi_step_loop(config, "cpu") == "scan"
+
+
 def test_ema_warmup_and_first_step():
   config = test_config.get_config()
   states, metrics = run_steps(config, jax.local_devices()[:2], 3)
