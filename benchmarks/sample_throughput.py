@@ -61,7 +61,8 @@ def main(argv):
     print(json.dumps(dict(
         framework="jax", platform=jax.devices()[0].platform, devices=d, sampler=name,
         steps=diffusion.num_timesteps, images=per_call, image_size=config.data.image_size,
-        dtype=config.model.dtype, compile_options=p_sample.options, compile_s=round(compile_s, 2), sample_s=round(run_s, 3),
+        dtype=config.model.dtype, compile_options=p_sample.options, compile_s=round(compile_s, 2),
+        sample_s=round(run_s, 3),
         step_s=round(run_s / diffusion.num_timesteps, 5),
         images_per_s=round(per_call / run_s, 4), all_s=[round(x, 3) for x in times])), flush=True)
 

@@ -57,6 +57,7 @@ def main(argv):
   config = FLAGS.config
   d = jax.local_device_count()
   n = config.training.steps_per_call
+  loop = train.multi_step_loop(config)
   p_step, state, batch = bench_setup.train_step_and_inputs(config)
 
   t0 = time.perf_counter()
@@ -65,7 +66,7 @@ def main(argv):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops_per_call = float(cost.get("flops", 0.0)) * d  # cost analysis is per device
-  if train.multi_step_loop(config) == "scan":
+  if loop == "scan":
     flops_per_call *= n  # XLA's cost analysis counts a while-loop body once
 
   for _ in range(FLAGS.warmup):
@@ -87,7 +88,7 @@ def main(argv):
   print(json.dumps(dict(
       framework="jax", jax_version=jax.__version__, platform=jax.devices()[0].platform,
       devices=d, batch=config.training.batch_size, image_size=config.data.image_size,
-      dtype=config.model.dtype, steps_per_call=n, multi_step_loop=train.multi_step_loop(config),
+      dtype=config.model.dtype, steps_per_call=n, multi_step_loop=loop,
       grad_accum_steps=config.training.grad_accum_steps,
       remat=config.model.remat,
       params=int(sum(x.size for x in jax.tree.leaves(train.unreplicate(state.params)))),

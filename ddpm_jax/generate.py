@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Optional
 import time
+from typing import Optional
 
 from absl import logging
 import jax

@@ -19,7 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_steps(config, devices, num_steps):
-  """Runs the real pmap step on ``devices``; returns the host states after each step."""
+  """Runs the real pmap step on ``devices``, ``training.steps_per_call`` steps a call.
+
+  Returns the host states after each call and the metrics of each step.
+  """
+  n = config.training.steps_per_call
   model = train.build_model(config)
   diffusion = train.build_diffusion(config)
   tx = train.create_optimizer(config.optim)
@@ -28,14 +32,15 @@ def run_steps(config, devices, num_steps):
   p_step = train.make_p_train_step(model, diffusion, tx, config, devices=devices)
   images = input_pipeline.load_split_array(config.data, "train")
   states, metrics = [jax.device_get(state)], []
-  for s in range(num_steps):
-    batch = input_pipeline.get_local_batch(images, s, config.training.batch_size,
-                                           config.data.shuffle_seed, config.data.random_flip,
-                                           0, 1, len(devices))[:, None]
+  for first in range(0, num_steps, n):
+    batch = np.stack([input_pipeline.get_local_batch(
+        images, s, config.training.batch_size, config.data.shuffle_seed, config.data.random_flip,
+        0, 1, len(devices)) for s in range(first, first + n)], axis=1)  # [D, n, b, H, W, C]
     batch = next(input_pipeline.prefetch_to_device(iter([batch]), 1, devices))
     p_state, m = p_step(p_state, batch)
+    assert m["loss"].shape == (len(devices), n)  # [devices, steps]
     states.append(train.unreplicate(p_state))
-    metrics.append(jax.device_get(jax.tree.map(lambda x: x[0, 0], m)))
+    metrics.extend(jax.device_get(jax.tree.map(lambda x: x[0, i], m)) for i in range(n))
   return states, metrics
 
 
@@ -70,22 +75,11 @@ def test_several_steps_per_call_are_the_same_steps(loop):
   devices = jax.local_devices()[:2]
   ref, ref_metrics = run_steps(config, devices, 4)
   config.training.steps_per_call, config.training.multi_step_loop = 2, loop
-  model = train.build_model(config)
-  tx = train.create_optimizer(config.optim)
-  p_state = train.replicate(train.create_train_state(config, model, tx), devices)
-  p_step = train.make_p_train_step(model, train.build_diffusion(config), tx, config, devices=devices)
-  images = input_pipeline.load_split_array(config.data, "train")
-  losses = []
-  for first in (0, 2):
-    batch = np.stack([input_pipeline.get_local_batch(
-        images, s, config.training.batch_size, config.data.shuffle_seed, config.data.random_flip,
-        0, 1, len(devices)) for s in (first, first + 1)], axis=1)  # [D, 2, b, H, W, C]
-    p_state, m = p_step(p_state, next(input_pipeline.prefetch_to_device(iter([batch]), 1, devices)))
-    assert m["loss"].shape == (2, 2)  # [devices, steps]
-    losses.extend(np.asarray(m["loss"][0]))
-  state = train.unreplicate(p_state)
+  states, metrics = run_steps(config, devices, 4)  # checks metrics are [devices, 2] per call
+  state = states[-1]
   assert int(state.step) == 4
-  np.testing.assert_allclose(losses, [m["loss"] for m in ref_metrics], rtol=1e-5)
+  np.testing.assert_allclose([m["loss"] for m in metrics], [m["loss"] for m in ref_metrics],
+                             rtol=1e-5)
   # Another program, so other float32 rounding; tolerances as in the device-count test above.
   assert_trees_close(ref[-1].params, state.params, rtol=1e-4, atol=1e-5)
   assert_trees_close(ref[-1].ema_params, state.ema_params, rtol=1e-4, atol=1e-5)
