@@ -69,6 +69,8 @@ __all__ = [
     "UNet",
     "ResnetBlock",
     "AttnBlock",
+    "GroupNorm",
+    "group_norm",
     "Downsample",
     "Upsample",
     "default_init",
@@ -127,21 +129,65 @@ def count_params(params: Any) -> int:
   return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def _group_norm(x: jax.Array, name: str, dtype: Any) -> jax.Array:
-  """GroupNorm(32 groups, eps 1e-6) computed in float32, cast back to ``dtype``.
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+               num_groups: int = GN_GROUPS, eps: float = GN_EPS) -> jax.Array:
+  """GroupNorm of ``x`` over its spatial axes and each group of channels.
 
-  The variance is the two-pass E[(x - mean)^2] like TF's ``tf.nn.moments`` (not
-  E[x^2] - mean^2, which loses precision when |mean| >> std).
+  Args:
+    x: ``[B, ..., C]`` float32, ``C`` divisible by ``num_groups``.
+    scale, bias: ``[C]`` float32 (TF's ``gamma`` and ``beta``).
+    num_groups, eps: the paper's 32 and 1e-6 by default.
+
+  Returns:
+    ``[B, ..., C]``: ``(x - mean) / sqrt(var + eps) * scale + bias``, with the
+    mean and the two-pass variance E[(x - mean)^2] of each (example, group),
+    like TF's ``tf.nn.moments`` (E[x^2] - mean^2 would lose precision when
+    |mean| >> std).
+
+  The result is ``flax.linen.GroupNorm(use_fast_variance=False)``'s, arranged
+  for XLA:CPU: both reductions run over the spatial axes with the channels as
+  the vectorised minor axis, and the step from channels to groups is a tiny
+  ``[B, C]`` reshape (see ``benchmarks/group_norm.py``).
   """
-  y = nn.GroupNorm(
-      num_groups=GN_GROUPS,
-      epsilon=GN_EPS,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      use_fast_variance=False,
-      name=name,
-  )(x.astype(jnp.float32))
-  return y.astype(dtype)
+  B, C = x.shape[0], x.shape[-1]
+  per_group = C // num_groups
+  flat = x.reshape(B, -1, C)
+
+  def group_mean(v):  # [B, C] per-channel values -> [B, C] mean over each channel's group
+    g = jnp.mean(v.reshape(B, num_groups, per_group), axis=-1, keepdims=True)
+    return jnp.broadcast_to(g, (B, num_groups, per_group)).reshape(B, C)
+
+  mean = group_mean(jnp.mean(flat, axis=1))
+  centered = flat - mean[:, None, :]
+  var = group_mean(jnp.mean(jnp.square(centered), axis=1))
+  y = centered * (jax.lax.rsqrt(var + eps) * scale)[:, None, :] + bias
+  return y.reshape(x.shape)
+
+
+class GroupNorm(nn.Module):
+  """The paper's GroupNorm (32 groups, eps 1e-6) with float32 ``scale`` and ``bias``.
+
+  Parameters are named, shaped and initialised like ``flax.linen.GroupNorm``'s,
+  so checkpoints and converted weights are interchangeable with it.
+  """
+
+  num_groups: int = GN_GROUPS  # channel groups
+  epsilon: float = GN_EPS  # added to the variance
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B, ..., C]`` (any float dtype). Returns float32, same shape."""
+    C = x.shape[-1]
+    if C % self.num_groups:
+      raise ValueError(f"GroupNorm: {C} channels are not divisible by {self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones, (C,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (C,), jnp.float32)
+    return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon)
+
+
+def _group_norm(x: jax.Array, name: str, dtype: Any) -> jax.Array:
+  """GroupNorm(32 groups, eps 1e-6) computed in float32, cast back to ``dtype``."""
+  return GroupNorm(name=name)(x).astype(dtype)
 
 
 def _conv3x3(features: int, name: str, dtype: Any, init_scale: float = 1.0, strides: int = 1) -> nn.Conv:
