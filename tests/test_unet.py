@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax.models import UNet, count_params, get_timestep_embedding
+from ddpm_jax.models import unet as unet_lib
 from ddpm_jax.models.unet import Downsample, Upsample
 
 KEY = jax.random.PRNGKey(0)
@@ -455,6 +456,49 @@ def test_resampling_matches_paper_tf_ops():
   np.testing.assert_allclose(np.asarray(Downsample(with_conv=False).apply({}, x)), ref_pool, atol=1e-6)
   ref_up = tf.compat.v1.image.resize_nearest_neighbor(x, [16, 16], align_corners=True).numpy()
   np.testing.assert_array_equal(np.asarray(Upsample(with_conv=False).apply({}, x)), ref_up)
+  # With the conv: TF's conv2d(SAME) of that resize (computed here without resizing).
+  up = Upsample(with_conv=True)
+  p = _randomize(up.init(KEY, x)["params"], jax.random.PRNGKey(4))
+  ref = tf.nn.conv2d(ref_up, np.asarray(p["conv"]["kernel"]), strides=1, padding="SAME").numpy()
+  np.testing.assert_allclose(np.asarray(up.apply({"params": p}, x)), ref + np.asarray(p["conv"]["bias"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_upsample_conv_matches_conv_of_repeated_input(dtype):
+  """Upsample's phase-wise 2x2 convs == repeat, then 3x3 conv: values, gradients, init, dtype."""
+  x = jax.random.normal(jax.random.PRNGKey(5), (2, 5, 7, 32))  # odd, non-square sizes
+  up = Upsample(with_conv=True, dtype=dtype)
+  init = up.init(KEY, x)["params"]
+
+  class ConvAfterRepeat(flax.linen.Module):  # what Upsample's parameters used to belong to
+    @flax.linen.compact
+    def __call__(self, x):
+      return flax.linen.Conv(32, (3, 3), kernel_init=unet_lib.default_init(), name="conv")(x)
+
+  # Same names, shapes and initial values (from the same key) as that nn.Conv.
+  conv_init = ConvAfterRepeat().init(KEY, x)["params"]
+  assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(conv_init)
+  for a, b in zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(conv_init)):
+    np.testing.assert_array_equal(a, b)
+
+  p = _randomize(init, 6)
+
+  def naive(p, x):
+    xx = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2).astype(dtype)
+    y = jax.lax.conv_general_dilated(xx, p["conv"]["kernel"].astype(dtype), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + p["conv"]["bias"].astype(dtype)
+
+  got, ref = up.apply({"params": p}, x), naive(p, x)
+  assert got.shape == (2, 10, 14, 32) and got.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 0.1
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=tol * np.abs(ref).max())
+  w = jax.random.normal(jax.random.PRNGKey(7), got.shape)
+  loss = lambda f: lambda p, x: jnp.sum(w * f(p, x).astype(jnp.float32))
+  g_got = jax.grad(loss(lambda p, x: up.apply({"params": p}, x)), argnums=(0, 1))(p, x)
+  g_ref = jax.grad(loss(naive), argnums=(0, 1))(p, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_got), jax.tree_util.tree_leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol * np.abs(b).max())
 
 
 def test_batch_independence(tiny):

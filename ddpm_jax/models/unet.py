@@ -304,11 +304,70 @@ class Downsample(nn.Module):
     return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
 
 
+def _two_phase_taps(kernel: jax.Array, axis: int) -> tuple:
+  """3 taps along ``axis`` -> the 2-tap kernels of the even and odd output phases.
+
+  On a 2x nearest-upsampled input, output 2i reads input rows (i-1, i, i) through
+  taps (0, 1, 2), and output 2i+1 reads rows (i, i, i+1); taps that read the same
+  row are summed.
+  """
+  t0, t1, t2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+  return jnp.stack([t0, t1 + t2], axis=axis), jnp.stack([t0 + t1, t2], axis=axis)
+
+
+def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """3x3 'SAME' conv of the 2x nearest-neighbour upsampling of ``x``, without upsampling.
+
+  Args:
+    x: ``[B, H, W, Cin]``.
+    kernel: ``[3, 3, Cin, Cout]`` (HWIO), bias: ``[Cout]``; same dtype as ``x``.
+
+  Returns:
+    ``[B, 2H, 2W, Cout]``, equal (up to float rounding) to
+    ``conv3x3(repeat(repeat(x, 2, axis=1), 2, axis=2))``. Each of the four output
+    phases (row parity a, column parity b) is a 2x2 conv of ``x`` whose taps are
+    sums of the 3x3 taps, so the work is 16 instead of 36 multiply-adds per
+    input pixel and channel pair, and the 4x larger upsampled input is never
+    built. On a 2-core CPU this made the CIFAR-10 U-Net's 256-channel 32x32
+    upsample conv about 3x faster forward and backward (``benchmarks/upsample_conv.py``).
+  """
+  B, H, W, _ = x.shape
+  rows = []
+  for a, k_a in enumerate(_two_phase_taps(kernel, 0)):
+    cols = []
+    for b, k_ab in enumerate(_two_phase_taps(k_a, 1)):
+      # Phase a reads input rows (i-1, i) if a == 0, else (i, i+1): pad before or after.
+      padding = ((1, 0) if a == 0 else (0, 1), (1, 0) if b == 0 else (0, 1))
+      cols.append(jax.lax.conv_general_dilated(
+          x, k_ab, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), Cout]
+  y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), Cout]
+  return y.reshape(B, 2 * H, 2 * W, kernel.shape[-1]) + bias
+
+
+class _UpsampleConv(nn.Module):
+  """The 3x3 conv after a 2x nearest upsampling, applied to the input before it.
+
+  Parameters are ``nn.Conv``'s (``kernel [3, 3, C, C]``, ``bias [C]``, same
+  initialisers), so checkpoints are the same as for upsample-then-conv.
+  """
+
+  dtype: Any = jnp.float32  # computation dtype; params are float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    C = x.shape[-1]
+    kernel = self.param("kernel", default_init(), (3, 3, C, C), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (C,), jnp.float32)
+    return upsample2x_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
 class Upsample(nn.Module):
   """Double H and W by nearest-neighbour repetition, then optionally a 3x3 conv.
 
   (The paper's ``tf.image.resize(..., NEAREST_NEIGHBOR, align_corners=True)``
-  equals plain 2x repetition for an exact factor-2 resize.)
+  equals plain 2x repetition for an exact factor-2 resize.) With the conv, the
+  two are computed together by :func:`upsample2x_conv3x3`.
   """
 
   with_conv: bool = True  # follow the resize with a 3x3 conv
@@ -318,10 +377,9 @@ class Upsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x ``[B, H, W, C]``. Returns ``[B, 2H, 2W, C]``."""
     x = x.astype(self.dtype)
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if self.with_conv:
-      x = _conv3x3(x.shape[-1], "conv", self.dtype)(x)
-    return x
+      return _UpsampleConv(self.dtype, name="conv")(x)
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 class UNet(nn.Module):
