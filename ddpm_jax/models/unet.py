@@ -319,8 +319,10 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
   """3x3 'SAME' conv of the 2x nearest-neighbour upsampling of ``x``, without upsampling.
 
   Args:
-    x: ``[B, H, W, Cin]``.
-    kernel: ``[3, 3, Cin, Cout]`` (HWIO), bias: ``[Cout]``; same dtype as ``x``.
+    x: ``[B, H, W, Cin]``, any float dtype (the computation dtype).
+    kernel: ``[3, 3, Cin, Cout]`` (HWIO), bias: ``[Cout]``. Taps are summed in
+      the kernel's dtype (float32 for the model's parameters), then cast to
+      ``x``'s.
 
   Returns:
     ``[B, 2H, 2W, Cout]``, equal (up to float rounding) to
@@ -340,10 +342,10 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
       # Phase a reads input rows (i-1, i) if a == 0, else (i, i+1): pad before or after.
       padding = ((1, 0) if a == 0 else (0, 1), (1, 0) if b == 0 else (0, 1))
       cols.append(jax.lax.conv_general_dilated(
-          x, k_ab, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+          x, k_ab.astype(x.dtype), (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
     rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), Cout]
   y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), Cout]
-  return y.reshape(B, 2 * H, 2 * W, kernel.shape[-1]) + bias
+  return y.reshape(B, 2 * H, 2 * W, kernel.shape[-1]) + bias.astype(x.dtype)
 
 
 class _UpsampleConv(nn.Module):
@@ -360,7 +362,7 @@ class _UpsampleConv(nn.Module):
     C = x.shape[-1]
     kernel = self.param("kernel", default_init(), (3, 3, C, C), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (C,), jnp.float32)
-    return upsample2x_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+    return upsample2x_conv3x3(x.astype(self.dtype), kernel, bias)
 
 
 class Upsample(nn.Module):
