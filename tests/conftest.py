@@ -4,12 +4,21 @@ Tests that need one device pass ``devices=jax.local_devices()[:1]``.
 """
 
 import os
+import tempfile
 
 import jax
 import pytest
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   jax.config.update("jax_num_cpu_devices", 8)
+# One persistent XLA compilation cache for the test process and every main.py it
+# starts (they inherit the variable): programs that several tests build, such as
+# the test config's train step and sampler, are compiled once. Entries are keyed
+# by the program, the compiler flags and the jax version. Only compiles of over
+# a second are stored (jax's default threshold).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "ddpm_jax_test_compile_cache"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 # Subprocesses started by tests find the package without an install.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]

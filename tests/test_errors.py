@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import jax
 import numpy as np
@@ -27,7 +26,7 @@ from ddpm_jax import checkpoint, config_validation, input_pipeline, train
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILE_CACHE = os.path.join(tempfile.gettempdir(), "ddpm_jax_test_compile_cache")
+COMPILE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's cache (conftest.py)
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
        "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
@@ -33,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 # Shared with tests/test_errors.py; entries are keyed by the program and the flags.
-COMPILE_CACHE = os.path.join(tempfile.gettempdir(), "ddpm_jax_test_compile_cache")
+COMPILE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's cache (conftest.py)
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
        "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

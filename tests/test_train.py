@@ -1,7 +1,6 @@
 """The training program: device-count independence, EMA, warm-up, clipping, resume, sampling."""
 
 import glob
-import json
 import os
 import subprocess
 import sys
