@@ -3,7 +3,9 @@
 Tests that need one device pass ``devices=jax.local_devices()[:1]``.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import jax
@@ -15,9 +17,12 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # starts (they inherit the variable): programs that several tests build, such as
 # the test config's train step and sampler, are compiled once. Entries are keyed
 # by the program, the compiler flags and the jax version. Only compiles of over
-# a second are stored (jax's default threshold).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "ddpm_jax_test_compile_cache"))
+# a second are stored (jax's default threshold). Unless JAX_COMPILATION_CACHE_DIR
+# names a directory to keep, the cache (about 0.6 GB for the suite) is a fresh
+# temporary directory, deleted when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 # Subprocesses started by tests find the package without an install.
 os.environ["PYTHONPATH"] = os.pathsep.join(
