@@ -47,3 +47,30 @@ def model_and_random_params(config):
   model = train.build_model(config)
   params = jax.jit(functools.partial(train.init_params, model, config))(jax.random.PRNGKey(0))
   return model, train.replicate(params)
+
+
+def median_ms_alternating(progs, args, reps: int, calls: int) -> dict:
+  """Median milliseconds per call of each program, the programs taking turns.
+
+  Args:
+    progs: {name: {kind: compiled function}}, each called as ``fn(*args)``.
+    args: the arguments of every call.
+    reps: timed rounds; in each, every program runs ``calls`` times in a row.
+
+  Returns:
+    {"<name>_<kind>_ms": median over the rounds, rounded to microseconds}.
+  """
+  import statistics  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  times = {(n, k): [] for n, fns in progs.items() for k in fns}
+  for _ in range(reps):
+    for (name, kind), ts in times.items():
+      fn = progs[name][kind]
+      t = time.perf_counter()
+      for _ in range(calls):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      ts.append((time.perf_counter() - t) / calls * 1e3)
+  return {f"{n}_{k}_ms": round(statistics.median(v), 3) for (n, k), v in times.items()}

@@ -12,29 +12,19 @@ at 8 images per device (batch 16 on 2 devices) and of the CIFAR-10 U-Net at 4.
 
 import json
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shapes", "8x32x32x32,8x16x16x64,8x8x8x64,4x32x32x128,4x16x16x256",
                     "Comma-separated BxHxWxC activation shapes.")
 flags.DEFINE_integer("reps", 7, "Alternating timed repetitions per shape.")
 flags.DEFINE_integer("calls", 10, "Calls per timed repetition.")
-
-
-def _time(fn, args, calls):
-  import jax  # pylint: disable=g-import-not-at-top
-  t = time.perf_counter()
-  for _ in range(calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / calls * 1e3
 
 
 def main(argv):
@@ -62,14 +52,9 @@ def main(argv):
       loss = lambda p, x, f=f: jnp.sum(jnp.sin(nn.swish(f(p, x))))
       fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1)))
       jax.block_until_ready((fwd(p, x), fwd_bwd(p, x)))
-      progs[name] = (fwd, fwd_bwd)
-    err = float(jnp.max(jnp.abs(progs["flax"][0](p, x) - progs["ours"][0](p, x))))
-    times = {(n, k): [] for n in impls for k in ("fwd", "fwd_bwd")}
-    for _ in range(FLAGS.reps):
-      for name, (fwd, fwd_bwd) in progs.items():
-        times[(name, "fwd")].append(_time(fwd, (p, x), FLAGS.calls))
-        times[(name, "fwd_bwd")].append(_time(fwd_bwd, (p, x), FLAGS.calls))
-    med = {f"{n}_{k}_ms": round(statistics.median(v), 3) for (n, k), v in times.items()}
+      progs[name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+    err = float(jnp.max(jnp.abs(progs["flax"]["fwd"](p, x) - progs["ours"]["fwd"](p, x))))
+    med = bench_setup.median_ms_alternating(progs, (p, x), FLAGS.reps, FLAGS.calls)
     print(json.dumps(dict(
         shape=spec, platform=jax.devices()[0].platform, max_abs_diff=err, **med,
         fwd_ratio=round(med["flax_fwd_ms"] / med["ours_fwd_ms"], 2),

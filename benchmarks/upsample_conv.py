@@ -13,29 +13,19 @@ images per device and of the CIFAR-10 U-Net at 4.
 
 import json
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shapes", "8x8x8x64,8x16x16x64,4x4x4x256,4x8x8x256,4x16x16x256",
                     "Comma-separated BxHxWxC input shapes (the output is Bx2Hx2WxC).")
 flags.DEFINE_integer("reps", 5, "Alternating timed repetitions per shape.")
 flags.DEFINE_integer("calls", 3, "Calls per timed repetition.")
-
-
-def _time(fn, args, calls):
-  import jax  # pylint: disable=g-import-not-at-top
-  t = time.perf_counter()
-  for _ in range(calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / calls * 1e3
 
 
 def main(argv):
@@ -63,15 +53,10 @@ def main(argv):
       fwd = jax.jit(f)
       fwd_bwd = jax.jit(jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))
       jax.block_until_ready((fwd(*args), fwd_bwd(*args)))
-      progs[name] = (fwd, fwd_bwd)
-    ref = progs["repeat_then_conv"][0](*args)
-    err = float(jnp.max(jnp.abs(progs["ours"][0](*args) - ref)) / jnp.max(jnp.abs(ref)))
-    times = {(n, k): [] for n in impls for k in ("fwd", "fwd_bwd")}
-    for _ in range(FLAGS.reps):
-      for name, (fwd, fwd_bwd) in progs.items():
-        times[(name, "fwd")].append(_time(fwd, args, FLAGS.calls))
-        times[(name, "fwd_bwd")].append(_time(fwd_bwd, args, FLAGS.calls))
-    med = {f"{n}_{k}_ms": round(statistics.median(v), 3) for (n, k), v in times.items()}
+      progs[name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+    ref = progs["repeat_then_conv"]["fwd"](*args)
+    err = float(jnp.max(jnp.abs(progs["ours"]["fwd"](*args) - ref)) / jnp.max(jnp.abs(ref)))
+    med = bench_setup.median_ms_alternating(progs, args, FLAGS.reps, FLAGS.calls)
     print(json.dumps(dict(
         shape=spec, platform=jax.devices()[0].platform, max_rel_diff=err, **med,
         fwd_ratio=round(med["repeat_then_conv_fwd_ms"] / med["ours_fwd_ms"], 2),
