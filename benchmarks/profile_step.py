@@ -36,6 +36,7 @@ flags.DEFINE_enum("what", "train", ["train", "forward"], "The train step or one 
 flags.DEFINE_integer("calls", 2, "Profiled calls (after two untimed ones).")
 flags.DEFINE_integer("top", 15, "Rows of the table.")
 flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
+flags.DEFINE_integer("ops", 0, "Also list this many single operations, slowest first, with their HLO.")
 flags.mark_flags_as_required(["config"])
 
 _HOST_EVENTS = ("ThunkExecutor", "Pjit", "$", "Common", "Wait", "Rendezvous", "[", "end:",
@@ -111,10 +112,16 @@ def main(argv):
       events = json.load(f)["traceEvents"]
   hlo = compiled.as_text()
   totals = collections.defaultdict(float)
+  per_op = collections.defaultdict(float)
   for e in events:
     if e.get("ph") != "X" or e["name"].startswith(_HOST_EVENTS):
       continue
-    totals[kind_of(e["name"], hlo)] += e.get("dur", 0.0) / 1e3 / FLAGS.calls / d  # ms
+    ms = e.get("dur", 0.0) / 1e3 / FLAGS.calls / d
+    totals[kind_of(e["name"], hlo)] += ms
+    per_op[e["name"]] += ms
+  for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:FLAGS.ops]:
+    m = re.search(r"\n\s*(?:ROOT )?%?" + re.escape(name) + r" = ([^\n]*)", hlo)
+    print(f"{ms:8.2f} ms  {name}  {m.group(1)[:300] if m else ''}", file=sys.stderr)
   total = sum(totals.values())
   rows = sorted(totals.items(), key=lambda kv: -kv[1])
   print(f"{'ms/call/device':>14} {'share':>6}  kind", file=sys.stderr)
