@@ -427,6 +427,22 @@ def test_group_norm_params_are_named_like_flax():
     GroupNorm().init(KEY, jnp.ones((1, 4, 4, 48)))
 
 
+@pytest.mark.parametrize("strides", [1, 2])
+def test_conv3x3_is_flax_conv(strides):
+  """Conv3x3 has nn.Conv's parameters (names, shapes, initial values) and outputs."""
+  x = jax.random.normal(jax.random.PRNGKey(8), (2, 8, 6, 32))
+  ours = unet_lib.Conv3x3(64, strides=strides, init_scale=0.5)
+  theirs = flax.linen.Conv(64, (3, 3), strides=strides, padding="SAME",
+                           kernel_init=unet_lib.default_init(0.5))
+  p_ours, p_theirs = ours.init(KEY, x), theirs.init(KEY, x)
+  assert jax.tree_util.tree_structure(p_ours) == jax.tree_util.tree_structure(p_theirs)
+  for a, b in zip(jax.tree_util.tree_leaves(p_ours), jax.tree_util.tree_leaves(p_theirs)):
+    np.testing.assert_array_equal(a, b)
+  p = _randomize(p_theirs["params"], 9)
+  np.testing.assert_allclose(np.asarray(ours.apply({"params": p}, x)),
+                             np.asarray(theirs.apply({"params": p}, x)), atol=1e-5)
+
+
 def test_downsample_pads_like_tf_same():
   """Stride-2 conv on an even size pads 0 top/left and 1 bottom/right (TF 'SAME')."""
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))

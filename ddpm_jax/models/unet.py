@@ -65,6 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.models import conv
+
 __all__ = [
     "UNet",
     "ResnetBlock",
@@ -190,19 +192,34 @@ def _group_norm(x: jax.Array, name: str, dtype: Any) -> jax.Array:
   return GroupNorm(name=name)(x).astype(dtype)
 
 
-def _conv3x3(features: int, name: str, dtype: Any, init_scale: float = 1.0, strides: int = 1) -> nn.Conv:
+class Conv3x3(nn.Module):
+  """3x3 conv with TF 'SAME' padding (the paper's ``nn.conv2d``).
+
+  Parameters are ``nn.Conv``'s (``kernel [3, 3, Cin, features]``, ``bias``, same
+  initialisers and order). The convolution is :func:`conv.conv2d`: lax's, with
+  the weight gradient summed over cache-sized batch chunks on CPU.
+  """
+
+  features: int  # output channels
+  strides: int = 1  # 1, or 2 for the Downsample conv
+  init_scale: float = 1.0  # default_init scale of the kernel (0 -> 1e-10)
+  dtype: Any = jnp.float32  # computation dtype; params are float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x ``[B, H, W, Cin]``. Returns ``[B, H / strides, W / strides, features]`` in ``dtype``."""
+    kernel = self.param("kernel", default_init(self.init_scale),
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    y = conv.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                    (self.strides, self.strides), "SAME")
+    return y + bias.astype(self.dtype)
+
+
+def _conv3x3(features: int, name: str, dtype: Any, init_scale: float = 1.0,
+             strides: int = 1) -> Conv3x3:
   """3x3 conv with TF 'SAME' padding (the paper's ``nn.conv2d``)."""
-  return nn.Conv(
-      features,
-      kernel_size=(3, 3),
-      strides=(strides, strides),
-      padding="SAME",
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=default_init(init_scale),
-      bias_init=nn.initializers.zeros,
-      name=name,
-  )
+  return Conv3x3(features, strides=strides, init_scale=init_scale, dtype=dtype, name=name)
 
 
 def _dense(features: int, name: str, dtype: Any, init_scale: float = 1.0) -> nn.Dense:
@@ -341,8 +358,7 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
     for b, k_ab in enumerate(_two_phase_taps(k_a, 1)):
       # Phase a reads input rows (i-1, i) if a == 0, else (i, i+1): pad before or after.
       padding = ((1, 0) if a == 0 else (0, 1), (1, 0) if b == 0 else (0, 1))
-      cols.append(jax.lax.conv_general_dilated(
-          x, k_ab.astype(x.dtype), (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+      cols.append(conv.conv2d(x, k_ab.astype(x.dtype), (1, 1), padding))
     rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), Cout]
   y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), Cout]
   return y.reshape(B, 2 * H, 2 * W, kernel.shape[-1]) + bias.astype(x.dtype)
