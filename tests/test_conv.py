@@ -104,7 +104,8 @@ def test_conv2d_values_and_gradients_match_numpy(monkeypatch, strides, padding):
   assert hlo.count(" convolution(") == 4
 
 
-def test_chunked_weight_grad_bfloat16_sums_chunks_in_float32():
+def test_chunked_weight_grad_bfloat16():
+  """bfloat16 chunks: within bfloat16 rounding of the float64 sum, and the partials added in float32."""
   rng = np.random.RandomState(1)
   x = rng.randn(8, 8, 8, 32).astype(np.float32)
   dy = rng.randn(8, 8, 8, 32).astype(np.float32)
@@ -116,6 +117,14 @@ def test_chunked_weight_grad_bfloat16_sums_chunks_in_float32():
                        np.asarray(jnp.asarray(dy, jnp.bfloat16), np.float64), 3, (1, 1), "SAME")
   # bfloat16 keeps 8 bits: each chunk's and the final rounding, about 2^-8 relative.
   np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=0.02 * np.abs(ref).max(), rtol=0)
+
+  # 1000 + 7 * 1 is 1007, which rounds to 1008 in bfloat16 (spacing 4 above 512). Adding
+  # the chunks in bfloat16 would round every 1000 + 1 back to 1000.
+  ones = jnp.ones((8, 1, 1, 1), jnp.bfloat16)
+  dy = jnp.asarray([1000.0] + [1.0] * 7, jnp.bfloat16).reshape(8, 1, 1, 1)
+  got = conv.chunked_weight_grad(ones, dy, jnp.zeros((1, 1, 1, 1), jnp.bfloat16), (1, 1),
+                                 "VALID", chunk=1)
+  assert float(got.reshape(())) == 1008.0
 
 
 def test_chunks_only_on_cpu(monkeypatch):

@@ -5,7 +5,8 @@ The weight gradient of a convolution sums over the whole batch:
 (jaxlib 0.10) computes it as one convolution whose window is the whole image,
 and that kernel slows down sharply once its operands leave the core's L2
 cache: for 128 channels at 32x32 it took 7 ms for 2 images, 27 ms for 4 and
-205 ms for 16 (on one core of the 2-core development host). Summing the weight
+205 ms for 16 (per device, both devices of the 2-core development host busy).
+Summing the weight
 gradients of chunks of the batch, each small enough to stay in cache, computed
 the same sum 1.2-3x faster for most of the U-Nets' convs
 (``benchmarks/conv_weight_grad.py --shapes=...``). The forward pass and the
