@@ -16,9 +16,7 @@ the speed-up over budget 0) and one JSON line on stdout.
 
 import json
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -31,26 +29,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config (the train step).",
                                 lock_config=True)
 flags.DEFINE_list("shapes", [], "BxHxWxCinxCout conv shapes per device (instead of --config).")
-flags.DEFINE_list("budgets", ["0", str(1 << 20)], "Chunk budgets in bytes (0: no chunks).")
+flags.DEFINE_list("budgets", ["0", str(1 << 19)], "Chunk budgets in bytes (0: no chunks).")
 flags.DEFINE_integer("reps", 4, "Timed rounds; each program runs --calls times per round.")
 flags.DEFINE_integer("calls", 2, "Calls per program per round.")
 flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
-
-
-def _alternate(progs: dict, reps: int, calls: int) -> dict:
-  """{name: median ms per call}; progs: {name: fn() -> result to block on}."""
-  import jax  # pylint: disable=g-import-not-at-top
-  for fn in progs.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in progs}
-  for _ in range(reps):
-    for name, fn in progs.items():
-      t = time.perf_counter()
-      for _ in range(calls):
-        out = fn()
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t) / calls * 1e3)
-  return {name: statistics.median(v) for name, v in times.items()}
 
 
 def _train_step_programs(config, budgets):
@@ -94,6 +76,7 @@ def _conv_programs(shape, budgets):
 def main(argv):
   del argv
   bench_setup.use_all_cores(FLAGS.cpu_devices)
+  import jax  # pylint: disable=g-import-not-at-top
   budgets = [int(b) for b in FLAGS.budgets]
   if 0 not in budgets:
     budgets = [0] + budgets
@@ -106,7 +89,11 @@ def main(argv):
     raise app.UsageError("give --config or --shapes")
   results = {}
   for case, progs in cases.items():
-    ms = _alternate(progs, FLAGS.reps, FLAGS.calls)
+    for fn in progs.values():  # compiled already; one untimed call each
+      jax.block_until_ready(fn())
+    medians = bench_setup.median_ms_alternating({b: {"call": fn} for b, fn in progs.items()},
+                                                (), FLAGS.reps, FLAGS.calls)
+    ms = {b: medians[f"{b}_call_ms"] for b in progs}
     results[case] = {str(b): round(v, 2) for b, v in ms.items()}
     for b, v in ms.items():
       print(f"{case:>22} budget {b:>8}: {v:9.1f} ms per call, {ms[0] / v:5.2f}x", file=sys.stderr)

@@ -18,9 +18,7 @@ program, and one JSON line.
 
 import json
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -81,15 +79,13 @@ def main(argv):
     for _ in range(2):
       states[name] = progs[name](states[name], grads)
     jax.block_until_ready(states[name])
-  times = {name: [] for name in variants}
-  for _ in range(FLAGS.reps):
-    for name in variants:
-      t = time.perf_counter()
-      for _ in range(FLAGS.calls):
-        states[name] = progs[name](states[name], grads)
-      jax.block_until_ready(states[name])
-      times[name].append((time.perf_counter() - t) / FLAGS.calls * 1e3)
-  ms = {name: round(statistics.median(v), 2) for name, v in times.items()}
+  def call(name):
+    states[name] = progs[name](states[name], grads)
+    return states[name]
+  medians = bench_setup.median_ms_alternating(
+      {name: {"call": lambda name=name: call(name)} for name in variants}, (),
+      FLAGS.reps, FLAGS.calls)
+  ms = {name: round(medians[f"{name}_call_ms"], 2) for name in variants}
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   for name in variants:
     print(f"{name:>10}: {ms[name]:8.1f} ms per call, {copies[name]:5d} copies", file=sys.stderr)

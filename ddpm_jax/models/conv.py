@@ -114,11 +114,11 @@ def _conv2d_bwd(strides, padding, residuals, dy):
     return vjp(dy)
 
   def cpu_grads(dy):
+    dx, dk = vjp(dy)  # XLA drops the whole-batch kernel gradient when it is replaced
     chunk = weight_grad_chunk(x.shape, kernel.shape[-1], jnp.dtype(x.dtype).itemsize)
-    if chunk >= x.shape[0]:
-      return vjp(dy)
-    dx = jax.vjp(lambda x_: _plain(x_, kernel, strides, padding), x)[1](dy)[0]
-    return dx, chunked_weight_grad(x, dy, kernel, strides, padding, chunk)
+    if chunk < x.shape[0]:
+      dk = chunked_weight_grad(x, dy, kernel, strides, padding, chunk)
+    return dx, dk
 
   return jax.lax.platform_dependent(dy, cpu=cpu_grads, default=xla_grads)
 
