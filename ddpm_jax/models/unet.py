@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.models import conv
+from ddpm_jax.models import dropout as dropout_masks
 
 __all__ = [
     "UNet",
@@ -245,7 +246,8 @@ def _dropout(h: jax.Array, rate: float, train: bool, keys: Optional[jax.Array], 
   if keys is None:
     return nn.Dropout(rate=rate, deterministic=False)(h)
   salt = zlib.crc32(name.encode()) & 0x7FFFFFFF
-  keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), 1.0 - rate, h.shape[1:]))(keys)
+  block_keys = jax.vmap(lambda k: jax.random.fold_in(k, salt))(keys)
+  keep = dropout_masks.keep_mask(block_keys, 1.0 - rate, h.shape[1:])  # = vmapped jax.random.bernoulli
   return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
 
 

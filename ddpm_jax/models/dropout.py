@@ -1,0 +1,86 @@
+"""Per-example dropout masks, the same bits as ``jax.random.bernoulli``, faster on CPU.
+
+``keep_mask(keys, keep_prob, shape)`` equals
+``jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape))(keys)`` bit for
+bit, for the default ``threefry2x32`` keys with ``jax_threefry_partitionable``
+on (JAX's default since 0.5). It computes the same Threefry-2x32 hash of the
+same counters, written out in ``jnp`` integer ops.
+
+Why: on CPU, JAX lowers the Threefry hash as a 5-iteration ``fori_loop`` (to
+keep compile times short). XLA:CPU runs that loop op by op, reading and writing
+two uint32 arrays of the mask's full size per iteration, and it cannot fuse the
+hash with the mask's use. Written out, the hash is one elementwise expression
+that XLA fuses into a single pass. See ``benchmarks/dropout_mask.py``.
+
+With any other key implementation or with ``jax_threefry_partitionable`` off,
+``keep_mask`` calls ``jax.random.bernoulli`` itself, so the result is always
+JAX's.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Salmon et al. 2011, Threefry-2x32
+_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _rotl(x: jax.Array, r: int) -> jax.Array:
+  return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
+  """The Threefry-2x32 block cipher (20 rounds), unrolled; all arguments uint32, broadcastable.
+
+  Returns the two uint32 output words.
+  """
+  ks = (k1, k2, k1 ^ k2 ^ _PARITY)
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = _rotl(x2, r) ^ x1
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def _fast_path(keys: jax.Array) -> bool:
+  if not jax.config.jax_threefry_partitionable:
+    return False
+  if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    return str(jax.random.key_impl(keys)) in ("threefry2x32", "fry")
+  return keys.dtype == jnp.uint32 and jax.config.jax_default_prng_impl == "threefry2x32"
+
+
+def keep_mask(keys: jax.Array, keep_prob: float, shape: Sequence[int]) -> jax.Array:
+  """Bernoulli(keep_prob) masks, one per key.
+
+  Args:
+    keys: [B] typed PRNG keys, or [B, 2] raw uint32 keys.
+    keep_prob: probability of True, in [0, 1].
+    shape: the shape of one example's mask (fewer than 2**32 elements).
+  Returns:
+    bool [B, *shape]; row b is ``jax.random.bernoulli(keys[b], keep_prob, shape)``.
+  """
+  shape = tuple(int(s) for s in shape)
+  if not shape or not _fast_path(keys) or int(np.prod(shape)) >= 2**32:
+    return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape))(keys)
+  data = jax.random.key_data(keys) if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+  b = data.shape[0]
+  k1 = data[:, 0].reshape((b,) + (1,) * len(shape))
+  k2 = data[:, 1].reshape((b,) + (1,) * len(shape))
+  # JAX's counters: the flat index of each element as a 64-bit number (high word 0 here).
+  lo = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+  for axis in range(1, len(shape)):
+    lo = lo * np.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  hi = jnp.zeros(shape, jnp.uint32)
+  w1, w2 = threefry2x32(k1, k2, hi[None], lo[None])
+  bits = w1 ^ w2
+  # jax.random.uniform: 23 random mantissa bits in [1, 2), minus 1; bernoulli: u < p.
+  u = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
+  return (u - np.float32(1.0)) < jnp.float32(keep_prob)

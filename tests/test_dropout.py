@@ -1,0 +1,89 @@
+"""Tests for ddpm_jax.models.dropout: Threefry-2x32 written out, and per-example keep masks.
+
+References: the Threefry-2x32 (20 rounds) known-answer vectors of Random123
+(Salmon et al., SC 2011, the ``kat_vectors`` file), and JAX's own
+``jax.random.bernoulli``, which the masks must equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.models import dropout
+
+# (key, counter, expected output) for threefry2x32_20 from Random123's kat_vectors.
+KAT = [
+    ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+]
+
+
+@pytest.mark.parametrize("key,count,expected", KAT)
+def test_threefry_known_answers(key, count, expected):
+  u = lambda v: jnp.asarray(v, jnp.uint32)
+  out = jax.jit(dropout.threefry2x32)(u(key[0]), u(key[1]), u(count[0]), u(count[1]))
+  assert (int(out[0]), int(out[1])) == expected
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 8), (5, 3, 2), (7,), (2, 3, 5, 2)])
+@pytest.mark.parametrize("keep_prob", [0.9, 0.5, 0.0, 1.0])
+def test_keep_mask_is_jax_bernoulli(shape, keep_prob):
+  keys = jax.random.split(jax.random.key(3), 6)
+  ref = jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape))(keys)
+  got = jax.jit(lambda k: dropout.keep_mask(k, keep_prob, shape))(keys)
+  assert got.dtype == jnp.bool_ and got.shape == (6,) + shape
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_keep_mask_raw_uint32_keys():
+  keys = jax.random.split(jax.random.PRNGKey(11), 3)  # [3, 2] uint32
+  assert keys.dtype == jnp.uint32
+  ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (8, 8, 16)))(keys)
+  got = dropout.keep_mask(keys, 0.9, (8, 8, 16))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_keep_mask_rate_and_independence():
+  """Binomial bounds: 4 x 64k draws at p = 0.9 (5 sigma), examples not copies of each other."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  m = np.asarray(dropout.keep_mask(keys, 0.9, (64, 32, 32)))
+  n = m[0].size
+  for row in m:
+    assert abs(row.mean() - 0.9) < 5 * np.sqrt(0.9 * 0.1 / n)
+  # Two independent rows agree on a fraction 0.9^2 + 0.1^2 = 0.82 of the elements.
+  agree = (m[0] == m[1]).mean()
+  assert abs(agree - 0.82) < 5 * np.sqrt(0.82 * 0.18 / n)
+
+
+def test_keep_mask_falls_back_to_jax_when_not_partitionable():
+  keys = jax.random.split(jax.random.key(5), 2)
+  shape = (4, 4, 8)
+  with jax.threefry_partitionable(False):
+    ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, shape))(keys)
+    got = dropout.keep_mask(keys, 0.9, shape)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  with jax.threefry_partitionable(True):
+    other = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, shape))(keys)
+  assert not np.array_equal(np.asarray(ref), np.asarray(other))  # the setting matters
+
+
+def test_keep_mask_other_key_impl_falls_back():
+  keys = jax.random.split(jax.random.key(5, impl="rbg"), 2)
+  ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (4, 4, 8)))(keys)
+  np.testing.assert_array_equal(np.asarray(dropout.keep_mask(keys, 0.9, (4, 4, 8))),
+                                np.asarray(ref))
+
+
+def test_keep_mask_is_fused_on_cpu():
+  """No loop left in the compiled program: the hash is one elementwise pass."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  fast = jax.jit(lambda k: dropout.keep_mask(k, 0.9, (16, 16, 32))).lower(keys).compile().as_text()
+  slow = jax.jit(jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (16, 16, 32)))).lower(
+      keys).compile().as_text()
+  if jax.default_backend() == "cpu":
+    assert " while(" in slow  # JAX's CPU lowering: the rolled loop this module avoids
+  assert " while(" not in fast
