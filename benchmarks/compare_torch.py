@@ -8,6 +8,8 @@ ch_mult (1,2,2), one res block per level, attention at 16x16; batch 32), and
 1000-step sampling of 16 images of the 1.1M model. Prints every JSON line it
 gets, then one summary line per case: the medians and our/peer images-per-s
 ratio. --dtype=bfloat16 runs both sides in bfloat16 compute (float32 weights).
+Both train steps end with the paper's EMA of the weights (decay 0.9999), our
+step's last part; --peer_ema_decay=0 leaves it out of the peer's step only.
 The peer needs torch and diffusers (requirements-bench.txt) in the
 interpreter given by --torch_python; the machine should be otherwise idle.
 """
@@ -53,11 +55,16 @@ def main():
   parser.add_argument("--cases", default=",".join(CASES))
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                       help="compute dtype on both sides (ours: model.dtype; peer: torch.autocast)")
+  parser.add_argument("--peer_ema_decay", type=float, default=0.9999,
+                      help="the peer's weight EMA in training; ours runs the config's (0.9999). "
+                           "0: the peer skips the EMA (our step still does it)")
   args = parser.parse_args()
   summary = []
   for case in args.cases.split(","):
     ours_cmd, peer_args = CASES[case]
     ours, peer = [], []
+    if "--mode=train" in peer_args:
+      peer_args = [*peer_args, f"--ema_decay={args.peer_ema_decay}"]
     for _ in range(args.reps):
       ours.append(run([sys.executable, os.path.join(HERE, ours_cmd[0]), *ours_cmd[1:],
                        f"--config.model.dtype={args.dtype}"]))

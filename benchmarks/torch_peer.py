@@ -13,7 +13,8 @@ Modes:
   train   one DDPM training step (Algorithm 1): t ~ U{0..999}, eps ~ N(0, I),
           x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (linear betas 1e-4..0.02),
           loss = MSE(eps_theta(x_t, t), eps), backward, grad-norm clip 1.0, Adam(lr=2e-4) step,
-          model.train() (dropout on). x0 is random in [-1, 1].
+          then the EMA of the weights (--ema_decay, the paper's 0.9999; 0 turns it off), as in
+          our train step; model.train() (dropout on). x0 is random in [-1, 1].
           --warmup untimed steps, then --reps timed steps; median_s is the median step time.
   sample  ancestral sampling (Algorithm 2) as a plain Python loop calling the model once per
           step, like diffusers' DDPMPipeline, with DDPMScheduler(variance_type="fixed_large",
@@ -127,6 +128,7 @@ def bench_train(model, args, size):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=2e-4)
+    ema = [p.detach().clone() for p in params] if args.ema_decay > 0 else None
     b = args.batch
 
     def step():
@@ -141,6 +143,9 @@ def bench_train(model, args, size):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if ema is not None:  # ema <- decay * ema + (1 - decay) * p, multi-tensor like Adam's
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1.0 - args.ema_decay)
         return loss.item()
 
     for i in range(args.warmup):
@@ -217,6 +222,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype of the model call (bfloat16: torch.autocast, float32 weights)")
+    p.add_argument("--ema_decay", type=float, default=0.9999,
+                   help="train: EMA of the weights after each step, as ours (0: no EMA)")
     args = p.parse_args(argv)
     if args.reps is None:
         args.reps = 5 if args.mode == "train" else 1
@@ -224,6 +231,8 @@ def main(argv=None):
         args.warmup = 3
     if not 1 <= args.steps <= NUM_TIMESTEPS:
         p.error(f"--steps must be in [1, {NUM_TIMESTEPS}]")
+    if not 0.0 <= args.ema_decay < 1.0:
+        p.error("--ema_decay must be in [0, 1)")
     if args.reps < 1:
         p.error("--reps must be >= 1")
 
@@ -256,6 +265,7 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "params": params,
         "dtype": args.dtype,
+        "ema_decay": args.ema_decay if args.mode == "train" else None,
         "median_s": round(med, 6),
         "images_per_s": round(per_iter / med, 4),
         "reps": args.reps,
