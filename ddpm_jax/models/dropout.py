@@ -53,7 +53,7 @@ def _fast_path(keys: jax.Array) -> bool:
   if not jax.config.jax_threefry_partitionable:
     return False
   if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-    return str(jax.random.key_impl(keys)) in ("threefry2x32", "fry")
+    return str(jax.random.key_impl(keys)) == "threefry2x32"
   return keys.dtype == jnp.uint32 and jax.config.jax_default_prng_impl == "threefry2x32"
 
 
