@@ -1,13 +1,19 @@
 """Dropout masks: ``ddpm_jax.models.dropout.keep_mask`` against vmapped ``jax.random.bernoulli``.
 
   python benchmarks/dropout_mask.py [--shapes=16x32x32x32,4x32x32x128] [--reps=7]
+  python benchmarks/dropout_mask.py --config=configs/cifar10.py [--config.field=...]
 
-Both give the same bits. Each shape is timed on one device as the U-Net uses
-a mask, ``where(mask, h / 0.9, 0)``, forward and forward + backward, the two
-implementations alternating; prints one JSON line per shape with the medians
-and the ratio (JAX time / ours). Default shapes: the largest dropout inputs of
-the 1.1M-parameter U-Net at 16 images per device (batch 32 on 2 devices) and of
-the CIFAR-10 U-Net at 4.
+Both give the same bits. With ``--shapes``, each shape is timed on one device
+as the U-Net uses a mask, ``where(mask, h / 0.9, 0)``, forward and forward +
+backward, the two implementations alternating; one JSON line per shape with the
+medians and the ratio (JAX time / ours). Default shapes: the largest dropout
+inputs of the 1.1M-parameter U-Net at 16 images per device (batch 32 on 2
+devices) and of the CIFAR-10 U-Net at 4. Run it under ``taskset -c 0`` to see
+one core, as each device gets when the batch is split over all cores.
+
+With ``--config``, the whole train step is compiled twice in one process, once
+with each kind of mask (on every core, as training runs), and the two programs
+alternate; one JSON line with the medians and the ratio.
 """
 
 import json
@@ -16,29 +22,57 @@ import sys
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config: time the train step.",
+                                lock_config=True)
 flags.DEFINE_string("shapes", "16x32x32x32,16x16x16x64,4x32x32x128,4x16x16x256",
-                    "Comma-separated BxHxWxC activation shapes.")
-flags.DEFINE_integer("reps", 7, "Alternating timed repetitions per shape.")
-flags.DEFINE_integer("calls", 10, "Calls per timed repetition.")
+                    "Comma-separated BxHxWxC activation shapes (without --config).")
+flags.DEFINE_integer("reps", 7, "Alternating timed repetitions.")
+flags.DEFINE_integer("calls", 10, "Calls per timed repetition (--config: 3 is plenty).")
+
+RATE = 0.1
 
 
-def main(argv):
-  del argv
+def _jax_masks(keys, keep_prob, shape):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, tuple(shape)))(keys)
+
+
+def _train_step(config):
+  from ddpm_jax.models import dropout  # pylint: disable=g-import-not-at-top
+  ours = dropout.keep_mask
+  progs = {}
+  try:
+    for name, masks in (("ours", ours), ("jax", _jax_masks)):
+      dropout.keep_mask = masks  # read when the step is traced below
+      fn, state, batch = bench_setup.train_step_and_inputs(config)
+      compiled = fn.lower(state, batch).compile()
+      box = [state]
+
+      def call(compiled=compiled, box=box, batch=batch):
+        box[0], metrics = compiled(box[0], batch)
+        return metrics
+      call()  # one untimed call each
+      progs[name] = {"step": call}
+  finally:
+    dropout.keep_mask = ours
+  out = bench_setup.median_ms_alternating(progs, (), FLAGS.reps, FLAGS.calls)
+  out["ratio"] = round(out["jax_step_ms"] / out["ours_step_ms"], 3)
+  print(json.dumps(dict(case="train_step", **out)), flush=True)
+
+
+def _shapes():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import dropout  # pylint: disable=g-import-not-at-top
 
-  rate = 0.1
-  masks = {
-      "jax": lambda k, s: jax.vmap(lambda kk: jax.random.bernoulli(kk, 1.0 - rate, s))(k),
-      "ours": lambda k, s: dropout.keep_mask(k, 1.0 - rate, s),
-  }
+  masks = {"jax": _jax_masks, "ours": dropout.keep_mask}
   for spec in FLAGS.shapes.split(","):
     shape = tuple(int(s) for s in spec.split("x"))
     h = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
@@ -46,7 +80,7 @@ def main(argv):
     progs = {}
     for name, mask in masks.items():
       def apply(h, keys, mask=mask):
-        return jnp.where(mask(keys, h.shape[1:]), h / (1.0 - rate), 0.0)
+        return jnp.where(mask(keys, 1.0 - RATE, h.shape[1:]), h / (1.0 - RATE), 0.0)
       fwd = jax.jit(apply)
       grad = jax.jit(jax.grad(lambda h, keys, apply=apply: jnp.sum(apply(h, keys) * h)))
       progs[name] = {"fwd": fwd.lower(h, keys).compile(), "fwd_bwd": grad.lower(h, keys).compile()}
@@ -58,6 +92,15 @@ def main(argv):
     print(json.dumps(dict(shape=spec, **out)), flush=True)
 
 
+def main(argv):
+  del argv
+  if FLAGS.config is not None:
+    bench_setup.use_all_cores()
+    _train_step(FLAGS.config)
+  else:
+    bench_setup.use_all_cores(1)
+    _shapes()
+
+
 if __name__ == "__main__":
-  bench_setup.use_all_cores(1)
   app.run(main)
