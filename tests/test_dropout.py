@@ -71,6 +71,16 @@ def test_keep_mask_falls_back_to_jax_when_not_partitionable():
   assert not np.array_equal(np.asarray(ref), np.asarray(other))  # the setting matters
 
 
+def test_keep_mask_under_x64_is_jax_bernoulli():
+  """With x64 on, JAX's bernoulli of a Python float draws float64 uniforms (other bits)."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  shape = (8, 8, 4)
+  with jax.enable_x64(True):
+    ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, shape))(keys)
+    got = dropout.keep_mask(keys, 0.9, shape)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
 def test_keep_mask_other_key_impl_falls_back():
   keys = jax.random.split(jax.random.key(5, impl="rbg"), 2)
   ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (4, 4, 8)))(keys)

@@ -12,9 +12,9 @@ two uint32 arrays of the mask's full size per iteration, and it cannot fuse the
 hash with the mask's use. Written out, the hash is one elementwise expression
 that XLA fuses into a single pass. See ``benchmarks/dropout_mask.py``.
 
-With any other key implementation or with ``jax_threefry_partitionable`` off,
-``keep_mask`` calls ``jax.random.bernoulli`` itself, so the result is always
-JAX's.
+With any other key implementation, with ``jax_threefry_partitionable`` off or
+with ``jax_enable_x64`` on, ``keep_mask`` calls ``jax.random.bernoulli``
+itself, so the result is always JAX's.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
 
 
 def _fast_path(keys: jax.Array) -> bool:
-  if not jax.config.jax_threefry_partitionable:
+  # With x64 on, bernoulli of a Python float draws float64 uniforms from 64-bit words.
+  if not jax.config.jax_threefry_partitionable or jax.config.jax_enable_x64:
     return False
   if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
     return str(jax.random.key_impl(keys)) == "threefry2x32"
