@@ -34,6 +34,25 @@ def train_step_and_inputs(config):
   return p_step, state, batch
 
 
+def compiled_train_step(config, options=None):
+  """A zero-argument call of the real train step, compiled now (with XLA ``options``, if any).
+
+  Each call runs one step on a fixed batch and returns the metrics; the state
+  is donated and carried from call to call. Whatever module-level switches the
+  model reads at trace time are read here, so programs built one after another
+  can differ (the A/B benchmarks rely on this).
+  """
+  fn, state, batch = train_step_and_inputs(config)
+  lowered = fn.lower(state, batch)
+  compiled = lowered.compile(options) if options else lowered.compile()
+  box = [state]
+
+  def call():
+    box[0], metrics = compiled(box[0], batch)
+    return metrics
+  return call
+
+
 def model_and_random_params(config):
   """(U-Net, its randomly initialised parameters replicated over the local devices).
 

@@ -40,14 +40,7 @@ def _train_step_programs(config, budgets):
   progs = {}
   for budget in budgets:
     conv.CPU_WEIGHT_GRAD_CHUNK_BYTES = budget  # read when the step is traced below
-    fn, state, batch = bench_setup.train_step_and_inputs(config)
-    compiled = fn.lower(state, batch).compile()
-    box = [state]
-
-    def call(compiled=compiled, box=box, batch=batch):
-      box[0], metrics = compiled(box[0], batch)
-      return metrics
-    progs[budget] = call
+    progs[budget] = bench_setup.compiled_train_step(config)
   return progs
 
 

@@ -50,13 +50,7 @@ def _train_step(config):
   try:
     for name, masks in (("ours", ours), ("jax", _jax_masks)):
       dropout.keep_mask = masks  # read when the step is traced below
-      fn, state, batch = bench_setup.train_step_and_inputs(config)
-      compiled = fn.lower(state, batch).compile()
-      box = [state]
-
-      def call(compiled=compiled, box=box, batch=batch):
-        box[0], metrics = compiled(box[0], batch)
-        return metrics
+      call = bench_setup.compiled_train_step(config)
       call()  # one untimed call each
       progs[name] = {"step": call}
   finally:

@@ -49,18 +49,11 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   progs, rejected = {}, {}
   for name in FLAGS.sets:
-    fn, state, batch = bench_setup.train_step_and_inputs(FLAGS.config)
-    lowered = fn.lower(state, batch)
     try:
-      compiled = lowered.compile(SETS[name]) if SETS[name] else lowered.compile()
+      call = bench_setup.compiled_train_step(FLAGS.config, SETS[name])
     except jax.errors.JaxRuntimeError as e:
       rejected[name] = str(e).splitlines()[0][:200]
       continue
-    box = [state]
-
-    def call(compiled=compiled, box=box, batch=batch):
-      box[0], metrics = compiled(box[0], batch)
-      return metrics
     jax.block_until_ready(call())  # one untimed call each
     progs[name] = {"step": call}
   medians = bench_setup.median_ms_alternating(progs, (), FLAGS.reps, FLAGS.calls)
