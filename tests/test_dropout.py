@@ -15,6 +15,11 @@ import pytest
 from ddpm_jax.models import dropout
 
 # (key, counter, expected output) for threefry2x32_20 from Random123's kat_vectors.
+def jax_bernoulli(keys, keep_prob, shape):
+  """The reference: JAX's own bernoulli, one key per row."""
+  return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape))(keys)
+
+
 KAT = [
     ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
     ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
@@ -33,7 +38,7 @@ def test_threefry_known_answers(key, count, expected):
 @pytest.mark.parametrize("keep_prob", [0.9, 0.5, 0.0, 1.0])
 def test_keep_mask_is_jax_bernoulli(shape, keep_prob):
   keys = jax.random.split(jax.random.key(3), 6)
-  ref = jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape))(keys)
+  ref = jax_bernoulli(keys, keep_prob, shape)
   got = jax.jit(lambda k: dropout.keep_mask(k, keep_prob, shape))(keys)
   assert got.dtype == jnp.bool_ and got.shape == (6,) + shape
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
@@ -42,7 +47,7 @@ def test_keep_mask_is_jax_bernoulli(shape, keep_prob):
 def test_keep_mask_raw_uint32_keys():
   keys = jax.random.split(jax.random.PRNGKey(11), 3)  # [3, 2] uint32
   assert keys.dtype == jnp.uint32
-  ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (8, 8, 16)))(keys)
+  ref = jax_bernoulli(keys, 0.9, (8, 8, 16))
   got = dropout.keep_mask(keys, 0.9, (8, 8, 16))
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
@@ -63,11 +68,11 @@ def test_keep_mask_falls_back_to_jax_when_not_partitionable():
   keys = jax.random.split(jax.random.key(5), 2)
   shape = (4, 4, 8)
   with jax.threefry_partitionable(False):
-    ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, shape))(keys)
+    ref = jax_bernoulli(keys, 0.9, shape)
     got = dropout.keep_mask(keys, 0.9, shape)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
   with jax.threefry_partitionable(True):
-    other = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, shape))(keys)
+    other = jax_bernoulli(keys, 0.9, shape)
   assert not np.array_equal(np.asarray(ref), np.asarray(other))  # the setting matters
 
 
@@ -76,14 +81,14 @@ def test_keep_mask_under_x64_is_jax_bernoulli():
   keys = jax.random.split(jax.random.key(3), 4)
   shape = (8, 8, 4)
   with jax.enable_x64(True):
-    ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, shape))(keys)
+    ref = jax_bernoulli(keys, 0.9, shape)
     got = dropout.keep_mask(keys, 0.9, shape)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
 def test_keep_mask_other_key_impl_falls_back():
   keys = jax.random.split(jax.random.key(5, impl="rbg"), 2)
-  ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (4, 4, 8)))(keys)
+  ref = jax_bernoulli(keys, 0.9, (4, 4, 8))
   np.testing.assert_array_equal(np.asarray(dropout.keep_mask(keys, 0.9, (4, 4, 8))),
                                 np.asarray(ref))
 
@@ -92,8 +97,7 @@ def test_keep_mask_is_fused_on_cpu():
   """No loop left in the compiled program: the hash is one elementwise pass."""
   keys = jax.random.split(jax.random.key(0), 4)
   fast = jax.jit(lambda k: dropout.keep_mask(k, 0.9, (16, 16, 32))).lower(keys).compile().as_text()
-  slow = jax.jit(jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (16, 16, 32)))).lower(
-      keys).compile().as_text()
+  slow = jax.jit(lambda k: jax_bernoulli(k, 0.9, (16, 16, 32))).lower(keys).compile().as_text()
   if jax.default_backend() == "cpu":
     assert " while(" in slow  # JAX's CPU lowering: the rolled loop this module avoids
   assert " while(" not in fast

@@ -76,11 +76,8 @@ def keep_mask(keys: jax.Array, keep_prob: float, shape: Sequence[int]) -> jax.Ar
   k1 = data[:, 0].reshape((b,) + (1,) * len(shape))
   k2 = data[:, 1].reshape((b,) + (1,) * len(shape))
   # JAX's counters: the flat index of each element as a 64-bit number (high word 0 here).
-  lo = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-  for axis in range(1, len(shape)):
-    lo = lo * np.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-  hi = jnp.zeros(shape, jnp.uint32)
-  w1, w2 = threefry2x32(k1, k2, hi[None], lo[None])
+  lo = jax.lax.iota(jnp.uint32, int(np.prod(shape))).reshape((1,) + shape)
+  w1, w2 = threefry2x32(k1, k2, np.uint32(0), lo)
   bits = w1 ^ w2
   # jax.random.uniform: 23 random mantissa bits in [1, 2), minus 1; bernoulli: u < p.
   u = jax.lax.bitcast_convert_type((bits >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
