@@ -25,6 +25,8 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.models import winograd
+
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 # Bytes of one chunk's largest operand (x or dy) in the chunked weight gradient:
@@ -32,6 +34,10 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # 256 KiB to 1 MiB made the CIFAR-10 train step 1.07-1.14x faster; 2 MiB only
 # 1.02x (benchmarks/conv_weight_grad.py).
 CPU_WEIGHT_GRAD_CHUNK_BYTES = 1 << 19
+
+# Whether 3x3 stride-1 convs go through Winograd's F(4x4, 3x3) on CPU where
+# ``winograd.applies`` (read when the program is traced; see models/winograd.py).
+CPU_WINOGRAD = True
 
 # Below this many output channels the weight gradient is cheap and XLA's single
 # convolution was faster than chunks (the 128 -> 3 output conv: 12 ms against 25-72 ms).
@@ -124,3 +130,21 @@ def _conv2d_bwd(strides, padding, residuals, dy):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, strides: tuple = (1, 1),
+            padding: Padding = "SAME") -> jax.Array:
+  """A 3x3 convolution: :func:`winograd.conv3x3` on CPU where it applies, else :func:`conv2d`.
+
+  Args and result as :func:`conv2d`. Which one runs is decided from the static
+  shapes and dtype when the program is traced (``winograd.applies`` and
+  ``CPU_WINOGRAD``), and then for the platform when it is lowered: GPU and TPU
+  programs always get :func:`conv2d`.
+  """
+  def direct(x, kernel):
+    return conv2d(x, kernel, strides, padding)
+
+  if not (CPU_WINOGRAD
+          and winograd.applies(x.shape, kernel.shape, strides, padding, x.dtype)):
+    return direct(x, kernel)
+  return jax.lax.platform_dependent(x, kernel, cpu=winograd.conv3x3, default=direct)

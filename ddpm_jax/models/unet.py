@@ -197,8 +197,10 @@ class Conv3x3(nn.Module):
   """3x3 conv with TF 'SAME' padding (the paper's ``nn.conv2d``).
 
   Parameters are ``nn.Conv``'s (``kernel [3, 3, Cin, features]``, ``bias``, same
-  initialisers and order). The convolution is :func:`conv.conv2d`: lax's, with
-  the weight gradient summed over cache-sized batch chunks on CPU.
+  initialisers and order). The convolution is :func:`conv.conv3x3`: on CPU,
+  Winograd's F(4x4, 3x3) where it is faster (``models/winograd.py``), else
+  lax's with the weight gradient summed over cache-sized batch chunks; lax's
+  on GPU and TPU.
   """
 
   features: int  # output channels
@@ -212,8 +214,8 @@ class Conv3x3(nn.Module):
     kernel = self.param("kernel", default_init(self.init_scale),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    y = conv.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                    (self.strides, self.strides), "SAME")
+    y = conv.conv3x3(x.astype(self.dtype), kernel.astype(self.dtype),
+                     (self.strides, self.strides), "SAME")
     return y + bias.astype(self.dtype)
 
 

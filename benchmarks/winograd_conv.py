@@ -1,0 +1,122 @@
+"""Winograd F(4x4, 3x3) against XLA's convolution on CPU: the train step, the sampler's forward, or single convs.
+
+  python benchmarks/winograd_conv.py --config=configs/cifar10.py \
+      --config.training.batch_size=8 [--what=train|forward] [--reps=4] [--calls=2]
+  python benchmarks/winograd_conv.py --shapes=4x32x32x128x128,16x16x16x64x64
+
+``ddpm_jax.models.conv.CPU_WINOGRAD`` switches the U-Net's 3x3 stride-1 convs
+between ``models/winograd.py`` (where ``winograd.applies``) and XLA's
+convolution (``conv.conv2d``, with its chunked weight gradient). With --config,
+the real pmap-ed train step (or, with --what=forward, one network forward at
+``sampling.batch_size`` compiled with the samplers' XLA options) is compiled
+both ways and the two programs are called in turns in one process. With
+--shapes (``BxHxWxCinxCout`` per device), one conv's forward, and its forward
+plus both gradients, are timed both ways on every device at once. Prints
+milliseconds per call (medians over the rounds) and the speed-up on stderr,
+and one JSON line on stdout.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+flags.DEFINE_enum("what", "train", ["train", "forward"],
+                  "With --config: the train step, or one forward at sampling.batch_size.")
+flags.DEFINE_list("shapes", [], "BxHxWxCinxCout conv shapes per device (instead of --config).")
+flags.DEFINE_integer("reps", 4, "Timed rounds; each program runs --calls times per round.")
+flags.DEFINE_integer("calls", 2, "Calls per program per round.")
+flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
+
+_WAYS = {"xla": False, "winograd": True}
+
+
+def _forward_program(config):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import compile_options, train  # pylint: disable=g-import-not-at-top
+  model, p_params = bench_setup.model_and_random_params(config)
+  d = jax.local_device_count()
+  b = config.sampling.batch_size // d
+  x = jax.pmap(lambda a: a)(jnp.zeros((d, b) + train.image_shape(config), jnp.float32))
+  t = jax.pmap(lambda a: a)(jnp.full((d, b), config.diffusion.num_timesteps // 2, jnp.int32))
+  compiled = compile_options.CompiledWithOptions(
+      jax.pmap(lambda p, x, t: model.apply({"params": p}, x, t, train=False)),
+      compile_options.forward_options(config.sampling.cpu_compile_options)).compile(p_params, x, t)
+  return lambda: compiled(p_params, x, t)
+
+
+def _config_programs(config, what):
+  from ddpm_jax.models import conv  # pylint: disable=g-import-not-at-top
+  progs = {}
+  for name, on in _WAYS.items():
+    conv.CPU_WINOGRAD = on  # read when the program is traced below
+    progs[name] = (bench_setup.compiled_train_step(config) if what == "train"
+                   else _forward_program(config))
+  return progs
+
+
+def _conv_programs(shape):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.models import conv, winograd  # pylint: disable=g-import-not-at-top
+  d = jax.local_device_count()
+  b, h, w, c_in, c_out = shape
+  rng = np.random.default_rng(0)
+  put = jax.pmap(lambda a: a)
+  x = put(rng.standard_normal((d, b, h, w, c_in), np.float32))
+  kernel = put(rng.standard_normal((d, 3, 3, c_in, c_out), np.float32) / np.sqrt(9 * c_in))
+  dy = put(rng.standard_normal((d, b, h, w, c_out), np.float32))
+  funcs = {"xla": lambda x, k: conv.conv2d(x, k, (1, 1), "SAME"), "winograd": winograd.conv3x3}
+  progs = {}
+  for name, f in funcs.items():
+    def grads(x, k, dy, f=f):
+      y, vjp = jax.vjp(f, x, k)
+      return y, vjp(dy)
+    fwd = jax.pmap(f).lower(x, kernel).compile()
+    bwd = jax.pmap(grads).lower(x, kernel, dy).compile()
+    progs[f"{name} forward"] = lambda fwd=fwd: fwd(x, kernel)
+    progs[f"{name} forward+grads"] = lambda bwd=bwd: bwd(x, kernel, dy)
+  ref = np.asarray(progs["xla forward"]())
+  err = float(jnp.max(jnp.abs(progs["winograd forward"]() - ref)) / np.abs(ref).max())
+  return progs, err
+
+
+def main(argv):
+  del argv
+  bench_setup.use_all_cores(FLAGS.cpu_devices)
+  import jax  # pylint: disable=g-import-not-at-top
+  cases = {}
+  if FLAGS.config is not None:
+    cases[FLAGS.what] = (_config_programs(FLAGS.config, FLAGS.what), None)
+  for s in FLAGS.shapes:
+    cases[s] = _conv_programs(tuple(int(v) for v in s.split("x")))
+  if not cases:
+    raise app.UsageError("give --config or --shapes")
+  results = {}
+  for case, (progs, err) in cases.items():
+    for fn in progs.values():  # compiled already; one untimed call each
+      jax.block_until_ready(fn())
+    medians = bench_setup.median_ms_alternating({n: {"call": fn} for n, fn in progs.items()},
+                                                (), FLAGS.reps, FLAGS.calls)
+    ms = {n: medians[f"{n}_call_ms"] for n in progs}
+    results[case] = {n: round(v, 2) for n, v in ms.items()}
+    if err is not None:
+      results[case]["forward_max_rel_error"] = err
+    for n, v in ms.items():
+      base = ms[n.replace("winograd", "xla")]
+      print(f"{case:>20} {n:>22}: {v:9.2f} ms per call, {base / v:5.2f}x", file=sys.stderr)
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,125 @@
+"""Tests for ddpm_jax.models.winograd: F(4x4, 3x3) convolution on CPU.
+
+References are plain numpy in float64 (the convolution and its gradients
+written out as sums over taps, from tests/test_conv.py) and the defining
+identity of the transforms, not the code under test.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.models import conv, winograd
+from tests.test_conv import np_conv, np_weight_grad
+
+
+def test_transforms_compute_a_1d_correlation_exactly():
+  """A^T [(G g) * (B^T d)] is the 4 outputs of the 3-tap correlation of a 6-tap d (float64)."""
+  rng = np.random.RandomState(0)
+  for _ in range(5):
+    d, g = rng.randn(6), rng.randn(3)
+    direct = np.array([d[i:i + 3] @ g for i in range(4)])
+    np.testing.assert_allclose(winograd.AT @ ((winograd.G @ g) * (winograd.BT @ d)), direct,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 8, 8, 16, 24),    # two tiles per side
+    (1, 4, 12, 8, 5),     # one tile high, non-square, odd channel counts
+    (3, 16, 8, 32, 32),
+])
+def test_values_and_gradients_match_numpy(shape):
+  """Forward, input gradient and kernel gradient against float64 sums over taps."""
+  b, h, w, c_in, c_out = shape
+  rng = np.random.RandomState(1)
+  x = rng.randn(b, h, w, c_in).astype(np.float32)
+  kernel = (rng.randn(3, 3, c_in, c_out) / np.sqrt(9 * c_in)).astype(np.float32)
+  dy = rng.randn(b, h, w, c_out).astype(np.float32)
+
+  y = np.asarray(jax.jit(winograd.conv3x3)(x, kernel))
+  ref = np_conv(x, kernel, (1, 1), "SAME")
+  # Winograd's rounding: the transforms scale by up to 8 and sum up to 36 terms (the
+  # direct float32 sum is about 1e-6 here).
+  np.testing.assert_allclose(y, ref, atol=5e-5 * np.abs(ref).max(), rtol=0)
+
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(winograd.conv3x3(x, k) * dy), argnums=(0, 1)))
+  dx, dk = (np.asarray(a, np.float64) for a in grad(x, kernel))
+  ref_dk = np_weight_grad(x, dy, 3, (1, 1), "SAME")
+  np.testing.assert_allclose(dk, ref_dk, atol=5e-5 * np.abs(ref_dk).max(), rtol=0)
+  # dx[b, p, q, c] = sum_{i, j, o} dy[b, p - i + 1, q - j + 1, o] kernel[i, j, c, o]: the
+  # convolution of dy with the kernel flipped and transposed.
+  flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+  ref_dx = np_conv(dy, flipped, (1, 1), "SAME")
+  np.testing.assert_allclose(dx, ref_dx, atol=5e-5 * np.abs(ref_dx).max(), rtol=0)
+
+
+def test_transposes_are_adjoints():
+  """<T a, b> = <a, T^T b> for the input, kernel and output transforms (dot-product test)."""
+  rng = np.random.RandomState(2)
+  x = rng.randn(2, 8, 12, 3)
+  v = rng.randn(36, 2 * 2 * 3, 3)
+  k = rng.randn(3, 3, 4, 5)
+  u = rng.randn(36, 4, 5)
+  m = rng.randn(36, 2 * 2 * 3, 5)
+  y = rng.randn(2, 8, 12, 5)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  dot = lambda a, b: float(np.sum(np.asarray(a, np.float64) * np.asarray(b, np.float64)))
+  pairs = [
+      (dot(winograd.input_transform(f32(x)), v),
+       dot(x, winograd.input_transform_transpose(f32(v), x.shape))),
+      (dot(winograd.kernel_transform(f32(k)), u), dot(k, winograd.kernel_transform_transpose(f32(u)))),
+      (dot(winograd.output_transform(f32(m), y.shape), y),
+       dot(m, winograd.output_transform_transpose(f32(y)))),
+  ]
+  for left, right in pairs:
+    assert abs(left - right) <= 1e-4 * max(abs(left), 1.0), pairs
+
+
+@pytest.mark.parametrize("x_shape,k_shape,strides,padding,dtype,expected", [
+    ((4, 32, 32, 128), (3, 3, 128, 128), (1, 1), "SAME", jnp.float32, True),
+    ((4, 16, 16, 64), (3, 3, 64, 256), (1, 1), ((1, 1), (1, 1)), jnp.float32, True),
+    ((4, 16, 16, 64), (3, 3, 64, 64), (2, 2), "SAME", jnp.float32, False),     # Downsample
+    ((4, 16, 16, 64), (3, 3, 64, 64), (1, 1), "SAME", jnp.bfloat16, False),    # float32 only
+    ((4, 8, 8, 256), (3, 3, 256, 256), (1, 1), "SAME", jnp.float32, False),    # too few tiles
+    ((4, 18, 18, 64), (3, 3, 64, 64), (1, 1), "SAME", jnp.float32, False),     # not 4 | side
+    ((4, 32, 32, 32), (3, 3, 32, 32), (1, 1), "SAME", jnp.float32, False),     # few channels
+    ((4, 32, 32, 128), (3, 3, 128, 3), (1, 1), "SAME", jnp.float32, False),    # conv_out
+    ((4, 32, 32, 128), (3, 3, 128, 128), (1, 1), "VALID", jnp.float32, False),
+    ((4, 32, 32, 128), (1, 1, 128, 128), (1, 1), "SAME", jnp.float32, False),
+    ((4, 32, 32, 128), (3, 3, 128, 128), (1, 1), ((1, 0), (0, 1)), jnp.float32, False),
+])
+def test_applies(x_shape, k_shape, strides, padding, dtype, expected):
+  assert winograd.applies(x_shape, k_shape, strides, padding, dtype) == expected
+
+
+def _convolutions(fn, *args, platform):
+  return jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module().count(
+      "stablehlo.convolution")
+
+
+def test_conv3x3_dispatch(monkeypatch):
+  """conv.conv3x3 is Winograd (no convolution op) on CPU where it applies; XLA's elsewhere."""
+  x, k = jnp.ones((2, 16, 16, 64)), jnp.ones((3, 3, 64, 64))
+  loss = jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k) ** 2), argnums=(0, 1))
+  counts = {p: _convolutions(loss, x, k, platform=p) for p in ("cpu", "cuda", "tpu")}
+  assert counts == {"cpu": 0, "cuda": 3, "tpu": 3}
+  # Where it does not apply (stride 2), or when switched off, CPU gets the direct conv2d
+  # with its chunked weight gradient.
+  strided = jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k, (2, 2)) ** 2), argnums=(0, 1))
+  assert _convolutions(strided, x, k, platform="cpu") > 0
+  monkeypatch.setattr(conv, "CPU_WINOGRAD", False)  # read at trace time: a new function
+  off = jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k) ** 2), argnums=(0, 1))
+  assert _convolutions(off, x, k, platform="cpu") > 0
+
+
+def test_conv3x3_matches_direct_on_a_unet_shape():
+  """conv.conv3x3 on a U-Net shape (Winograd on CPU) against the float64 sum over taps."""
+  rng = np.random.RandomState(3)
+  x = jnp.asarray(rng.randn(2, 16, 16, 64), jnp.float32)
+  k = jnp.asarray(rng.randn(3, 3, 64, 128) / 24.0, jnp.float32)
+  y = conv.conv3x3(x, k)
+  ref = np_conv(np.asarray(x), np.asarray(k), (1, 1), "SAME")
+  np.testing.assert_allclose(np.asarray(y), ref, atol=5e-5 * np.abs(ref).max(), rtol=0)
