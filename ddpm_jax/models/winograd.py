@@ -57,10 +57,14 @@ AT = np.array([[1, 1, 1, 1, 1, 0],
 
 TILE = 4  # output pixels per tile side; input tiles are TILE + 2 = 6 wide
 
-# Smallest image side, and fewest input or output channels, that use it. On the
-# development host (one core per device, float32) F(4x4, 3x3) was 1.6-1.9x faster
-# than XLA's convolution at 16x16 and 32x32 with 128-384 channels, and slower at
-# 8x8 (too few tiles per matrix product); see benchmarks/winograd_conv.py.
+# Smallest image side, and fewest input or output channels, that use it
+# (benchmarks/winograd_conv.py --shapes, 2 devices of the 2-core development
+# host, float32). Forward plus both gradients against XLA's conv with chunked
+# weight gradients: 1.2-1.3x for the 1.1M U-Net's 16x16 convs with 64 channels
+# out, and for the CIFAR-10 U-Net's 128-384 channel convs at 16x16 and 32x32
+# (alone, on one core: forward 1.5-1.9x, forward + gradients 2-3.5x). Slower at
+# 32 channels (forward 0.5-0.65x, with gradients 0.83-0.98x: the transforms'
+# memory traffic outweighs the small matrix products) and at 8x8 (too few tiles).
 MIN_SIDE = 16
 MIN_CHANNELS = 64
 
