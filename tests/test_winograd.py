@@ -123,3 +123,40 @@ def test_conv3x3_matches_direct_on_a_unet_shape():
   y = conv.conv3x3(x, k)
   ref = np_conv(np.asarray(x), np.asarray(k), (1, 1), "SAME")
   np.testing.assert_allclose(np.asarray(y), ref, atol=5e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_unet_gradients_with_and_without_winograd(monkeypatch):
+  """A U-Net whose 16x16 64-channel convs take Winograd on CPU: loss and parameter
+  gradients (dropout and remat on) equal those of the direct convs to float32 rounding."""
+  from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
+  model = unet.UNet(ch=64, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), remat=True)
+  rng = np.random.RandomState(6)
+  x = jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  t = jnp.asarray([10, 900], jnp.int32)
+  eps = jnp.asarray(rng.randn(2, 16, 16, 3), jnp.float32)
+  keys = jax.random.split(jax.random.PRNGKey(1), 2)
+  params = model.init(jax.random.PRNGKey(0), x, t)["params"]
+  # A non-zero output conv (it starts at 1e-10), so that every layer gets a real gradient.
+  params["conv_out"]["kernel"] = 0.05 * jax.random.normal(
+      jax.random.PRNGKey(2), params["conv_out"]["kernel"].shape)
+
+  def loss_and_grads():
+    """A new function each time: the switch is read when it is traced."""
+    loss = lambda p: jnp.mean(
+        (model.apply({"params": p}, x, t, train=True, dropout_keys=keys) - eps) ** 2)
+    fn = jax.jit(jax.value_and_grad(loss))
+    return fn(params), fn.lower(params).compile().as_text().count(" convolution(")
+
+  (loss_on, grads_on), convs_on = loss_and_grads()
+  monkeypatch.setattr(conv, "CPU_WINOGRAD", False)
+  (loss_off, grads_off), convs_off = loss_and_grads()
+  # Winograd replaced convolutions (conv_in's 3 channels and the 8x8 level keep XLA's).
+  assert 0 < convs_on < convs_off
+  np.testing.assert_allclose(float(loss_on), float(loss_off), rtol=1e-5)
+  leaves = list(zip(jax.tree_util.tree_leaves(grads_on), jax.tree_util.tree_leaves(grads_off)))
+  overall = max(float(jnp.max(jnp.abs(b))) for _, b in leaves)
+  for a, b in leaves:
+    # Per leaf, relative to its own scale; a few leaves' gradients are rounding noise
+    # (1e-15) around an exact zero, and are held to the overall scale instead.
+    scale = max(float(jnp.max(jnp.abs(b))), 1e-6 * overall)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale, rtol=0)
