@@ -68,6 +68,47 @@ def model_and_random_params(config):
   return model, train.replicate(params)
 
 
+def compiled_forward(config):
+  """(compiled pmap-ed network forward, its args): ``sampling.batch_size`` images at t = T/2.
+
+  Compiled with the samplers' XLA options (``compile_options.forward_options``),
+  as the samplers are; random parameters, zero images.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import compile_options, train  # pylint: disable=g-import-not-at-top
+
+  model, p_params = model_and_random_params(config)
+  d = jax.local_device_count()
+  b = config.sampling.batch_size // d
+  x = jnp.zeros((d, b) + train.image_shape(config), jnp.float32)
+  t = jnp.full((d, b), config.diffusion.num_timesteps // 2, jnp.int32)
+  fn = compile_options.CompiledWithOptions(
+      jax.pmap(lambda p, x, t: model.apply({"params": p}, x, t, train=False)),
+      compile_options.forward_options(config.sampling.cpu_compile_options))
+  args = (p_params, x, t)
+  return fn.compile(*args), args
+
+
+def conv_operands(shape):
+  """(x, kernel, dy) of a 3x3 'SAME' conv, random float32, one copy per local device.
+
+  shape: ``(B, H, W, Cin, Cout)`` per device; x ``[D, B, H, W, Cin]``, kernel
+  ``[D, 3, 3, Cin, Cout]`` (scaled by 1/sqrt(9 Cin)), dy ``[D, B, H, W, Cout]``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  d = jax.local_device_count()
+  b, h, w, c_in, c_out = shape
+  rng = np.random.default_rng(0)
+  put = jax.pmap(lambda a: a)
+  x = put(rng.standard_normal((d, b, h, w, c_in), np.float32))
+  kernel = put(rng.standard_normal((d, 3, 3, c_in, c_out), np.float32) / np.sqrt(9 * c_in))
+  dy = put(rng.standard_normal((d, b, h, w, c_out), np.float32))
+  return x, kernel, dy
+
+
 def median_ms_alternating(progs, args, reps: int, calls: int) -> dict:
   """Median milliseconds per call of each program, the programs taking turns.
 

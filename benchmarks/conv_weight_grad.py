@@ -46,15 +46,8 @@ def _train_step_programs(config, budgets):
 
 def _conv_programs(shape, budgets):
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import conv  # pylint: disable=g-import-not-at-top
-  d = jax.local_device_count()
-  b, h, w, c_in, c_out = shape
-  rng = np.random.default_rng(0)
-  put = jax.pmap(lambda a: a)
-  x = put(rng.standard_normal((d, b, h, w, c_in), np.float32))
-  kernel = put(0.05 * rng.standard_normal((d, 3, 3, c_in, c_out), np.float32))
-  dy = put(rng.standard_normal((d, b, h, w, c_out), np.float32))
+  x, kernel, dy = bench_setup.conv_operands(shape)  # the weight gradient ignores kernel values
   progs = {}
   for budget in budgets:
     conv.CPU_WEIGHT_GRAD_CHUNK_BYTES = budget

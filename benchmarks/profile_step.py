@@ -72,8 +72,6 @@ def main(argv):
   del argv
   bench_setup.use_all_cores(FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import compile_options, train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   d = jax.local_device_count()
@@ -86,17 +84,10 @@ def main(argv):
       args[0], metrics = compiled(*args)
       return metrics
   else:
-    model, p_params = bench_setup.model_and_random_params(config)
-    b = config.sampling.batch_size // d
-    x = jnp.zeros((d, b) + train.image_shape(config), jnp.float32)
-    t = jnp.full((d, b), config.diffusion.num_timesteps // 2, jnp.int32)
-    fn = compile_options.CompiledWithOptions(
-        jax.pmap(lambda p, x, t: model.apply({"params": p}, x, t, train=False)),
-        compile_options.forward_options(config.sampling.cpu_compile_options))
-    compiled = fn.compile(p_params, x, t)
+    compiled, args = bench_setup.compiled_forward(config)
 
     def call():
-      return compiled(p_params, x, t)
+      return compiled(*args)
 
   for _ in range(2):
     jax.block_until_ready(call())

@@ -40,18 +40,8 @@ _WAYS = {"xla": False, "winograd": True}
 
 
 def _forward_program(config):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import compile_options, train  # pylint: disable=g-import-not-at-top
-  model, p_params = bench_setup.model_and_random_params(config)
-  d = jax.local_device_count()
-  b = config.sampling.batch_size // d
-  x = jax.pmap(lambda a: a)(jnp.zeros((d, b) + train.image_shape(config), jnp.float32))
-  t = jax.pmap(lambda a: a)(jnp.full((d, b), config.diffusion.num_timesteps // 2, jnp.int32))
-  compiled = compile_options.CompiledWithOptions(
-      jax.pmap(lambda p, x, t: model.apply({"params": p}, x, t, train=False)),
-      compile_options.forward_options(config.sampling.cpu_compile_options)).compile(p_params, x, t)
-  return lambda: compiled(p_params, x, t)
+  compiled, args = bench_setup.compiled_forward(config)
+  return lambda: compiled(*args)
 
 
 def _config_programs(config, what):
@@ -69,13 +59,7 @@ def _conv_programs(shape):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import conv, winograd  # pylint: disable=g-import-not-at-top
-  d = jax.local_device_count()
-  b, h, w, c_in, c_out = shape
-  rng = np.random.default_rng(0)
-  put = jax.pmap(lambda a: a)
-  x = put(rng.standard_normal((d, b, h, w, c_in), np.float32))
-  kernel = put(rng.standard_normal((d, 3, 3, c_in, c_out), np.float32) / np.sqrt(9 * c_in))
-  dy = put(rng.standard_normal((d, b, h, w, c_out), np.float32))
+  x, kernel, dy = bench_setup.conv_operands(shape)
   funcs = {"xla": lambda x, k: conv.conv2d(x, k, (1, 1), "SAME"), "winograd": winograd.conv3x3}
   progs = {}
   for name, f in funcs.items():

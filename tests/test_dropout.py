@@ -14,12 +14,12 @@ import pytest
 
 from ddpm_jax.models import dropout
 
-# (key, counter, expected output) for threefry2x32_20 from Random123's kat_vectors.
 def jax_bernoulli(keys, keep_prob, shape):
   """The reference: JAX's own bernoulli, one key per row."""
   return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, shape))(keys)
 
 
+# (key, counter, expected output) for threefry2x32_20 from Random123's kat_vectors.
 KAT = [
     ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
     ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),

@@ -88,7 +88,10 @@ def applies(x_shape: Sequence[int], kernel_shape: Sequence[int], strides, paddin
 
 
 def _combine(matrix: np.ndarray, parts: List[jax.Array]) -> List[jax.Array]:
-  """``[sum_j matrix[i, j] * parts[j] for i]``, skipping zeros and unit factors."""
+  """``[sum_j matrix[i, j] * parts[j] for i]``, skipping zeros and unit factors.
+
+  Every row of the transforms (and of their transposes) has a non-zero entry.
+  """
   out = []
   for row in matrix:
     acc = None
@@ -97,7 +100,7 @@ def _combine(matrix: np.ndarray, parts: List[jax.Array]) -> List[jax.Array]:
         continue
       term = p if c == 1 else -p if c == -1 else p * np.asarray(c, p.dtype)
       acc = term if acc is None else acc + term
-    out.append(acc if acc is not None else jnp.zeros_like(parts[0]))
+    out.append(acc)
   return out
 
 
