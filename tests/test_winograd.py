@@ -26,6 +26,19 @@ def test_transforms_compute_a_1d_correlation_exactly():
                                rtol=0, atol=1e-12)
 
 
+def test_kernel_transform_is_g_g_gt_per_component():
+  """Component (j, i) of the transformed kernel is (G g G^T)[i, j] per channel pair (float64 ref)."""
+  rng = np.random.RandomState(1)
+  k = rng.randn(3, 3, 5, 7)
+  want = np.einsum("ir,rsco,js->jico", winograd.G, k, winograd.G).reshape(36, 5, 7)
+  got = np.asarray(winograd.kernel_transform(jnp.asarray(k, jnp.float32)), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  du = rng.randn(36, 5, 7)
+  want_t = np.einsum("ir,jico,js->rsco", winograd.G, du.reshape(6, 6, 5, 7), winograd.G)
+  got_t = np.asarray(winograd.kernel_transform_transpose(jnp.asarray(du, jnp.float32)), np.float64)
+  np.testing.assert_allclose(got_t, want_t, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [
     (2, 8, 8, 16, 24),    # two tiles per side
     (1, 4, 12, 8, 5),     # one tile high, non-square, odd channel counts
