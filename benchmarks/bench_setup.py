@@ -134,3 +134,27 @@ def median_ms_alternating(progs, args, reps: int, calls: int) -> dict:
       jax.block_until_ready(out)
       ts.append((time.perf_counter() - t) / calls * 1e3)
   return {f"{n}_{k}_ms": round(statistics.median(v), 3) for (n, k), v in times.items()}
+
+
+def time_against_baselines(progs, baseline_of, reps: int, calls: int, case: str = "") -> dict:
+  """Median ms of zero-argument programs called in turns, each printed with its speed-up.
+
+  Args:
+    progs: {name: zero-argument function}, compiled already; each gets one
+      untimed call first.
+    baseline_of: name -> the name of the program it is compared with.
+    case: a label for the printed lines.
+
+  Prints one line per program on stderr; returns {name: median ms per call}.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  for fn in progs.values():
+    jax.block_until_ready(fn())
+  medians = median_ms_alternating({n: {"call": fn} for n, fn in progs.items()}, (), reps, calls)
+  ms = {n: medians[f"{n}_call_ms"] for n in progs}
+  for n, v in ms.items():
+    print(f"{case:>20} {n:>24}: {v:9.2f} ms per call, {ms[baseline_of(n)] / v:5.2f}x",
+          file=sys.stderr)
+  return ms

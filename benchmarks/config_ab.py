@@ -53,14 +53,10 @@ def main(argv):
     config = FLAGS.config.copy_and_resolve_references()
     with config.unlocked():
       config[section][name] = _literal(text)
-    progs[text] = {"call": bench_setup.compiled_train_step(config)}
-    for _ in range(2):  # untimed
-      jax.block_until_ready(progs[text]["call"]())
-  medians = bench_setup.median_ms_alternating(progs, (), FLAGS.reps, FLAGS.calls)
-  ms = {v: medians[f"{v}_call_ms"] for v in FLAGS.values}
+    progs[text] = bench_setup.compiled_train_step(config)
+  ms = bench_setup.time_against_baselines(progs, lambda v: FLAGS.values[0], FLAGS.reps,
+                                          FLAGS.calls, FLAGS.field)
   base = ms[FLAGS.values[0]]
-  for v, t in ms.items():
-    print(f"{FLAGS.field}={v:>10}: {t:9.1f} ms per step call, {base / t:5.3f}x", file=sys.stderr)
   print(json.dumps(dict(field=FLAGS.field, devices=jax.local_device_count(),
                         ms={v: round(t, 2) for v, t in ms.items()},
                         speedup={v: round(base / t, 3) for v, t in ms.items()})))

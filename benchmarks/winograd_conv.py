@@ -78,7 +78,6 @@ def _conv_programs(shape):
 def main(argv):
   del argv
   bench_setup.use_all_cores(FLAGS.cpu_devices)
-  import jax  # pylint: disable=g-import-not-at-top
   cases = {}
   if FLAGS.config is not None:
     cases[FLAGS.what] = (_config_programs(FLAGS.config, FLAGS.what), None)
@@ -88,17 +87,11 @@ def main(argv):
     raise app.UsageError("give --config or --shapes")
   results = {}
   for case, (progs, err) in cases.items():
-    for fn in progs.values():  # compiled already; one untimed call each
-      jax.block_until_ready(fn())
-    medians = bench_setup.median_ms_alternating({n: {"call": fn} for n, fn in progs.items()},
-                                                (), FLAGS.reps, FLAGS.calls)
-    ms = {n: medians[f"{n}_call_ms"] for n in progs}
+    ms = bench_setup.time_against_baselines(progs, lambda n: n.replace("winograd", "xla"),
+                                            FLAGS.reps, FLAGS.calls, case)
     results[case] = {n: round(v, 2) for n, v in ms.items()}
     if err is not None:
       results[case]["forward_max_rel_error"] = err
-    for n, v in ms.items():
-      base = ms[n.replace("winograd", "xla")]
-      print(f"{case:>20} {n:>22}: {v:9.2f} ms per call, {base / v:5.2f}x", file=sys.stderr)
   print(json.dumps(results))
 
 

@@ -76,9 +76,9 @@ def main(argv):
     progs = {}
     for name, (transform, transpose) in ways.items():
       winograd.kernel_transform, winograd.kernel_transform_transpose = transform, transpose
-      progs[name] = {"call": bench_setup.compiled_train_step(FLAGS.config)}
+      progs[name] = bench_setup.compiled_train_step(FLAGS.config)
     winograd.kernel_transform, winograd.kernel_transform_transpose = ways["matrix"]
-    cases["train step"] = (progs, ())
+    cases["train step"] = progs
   for text in FLAGS.kernels:
     c_in, c_out = (int(v) for v in text.split("x"))
     _, kernel, _ = bench_setup.conv_operands((1, 4, 4, c_in, c_out))
@@ -89,21 +89,16 @@ def main(argv):
       fwd = jax.pmap(transform).lower(kernel).compile()
       bwd = jax.pmap(transpose).lower(du).compile()
       np.testing.assert_allclose(np.asarray(fwd(kernel)), want, rtol=1e-5, atol=1e-6)
-      progs[f"{name} transform"] = {"call": lambda fwd=fwd, k=kernel: fwd(k)}
-      progs[f"{name} transpose"] = {"call": lambda bwd=bwd, d=du: bwd(d)}
-    cases[text] = (progs, ())
+      progs[f"{name} transform"] = lambda fwd=fwd, k=kernel: fwd(k)
+      progs[f"{name} transpose"] = lambda bwd=bwd, d=du: bwd(d)
+    cases[text] = progs
   if not cases:
     raise app.UsageError("give --config or --kernels")
   results = {}
-  for case, (progs, args) in cases.items():
-    for p in progs.values():  # untimed
-      jax.block_until_ready(p["call"]())
-    medians = bench_setup.median_ms_alternating(progs, args, FLAGS.reps, FLAGS.calls)
-    ms = {n: medians[f"{n}_call_ms"] for n in progs}
+  for case, progs in cases.items():
+    ms = bench_setup.time_against_baselines(progs, lambda n: n.replace("matrix", "separable"),
+                                            FLAGS.reps, FLAGS.calls, case)
     results[case] = {n: round(v, 3) for n, v in ms.items()}
-    for n, v in ms.items():
-      base = ms[n.replace("matrix", "separable")]
-      print(f"{case:>12} {n:>20}: {v:9.2f} ms per call, {base / v:5.2f}x", file=sys.stderr)
   print(json.dumps(results))
 
 
