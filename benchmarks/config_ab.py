@@ -47,7 +47,9 @@ def main(argv):
   del argv
   bench_setup.use_all_cores(FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
-  section, name = FLAGS.field.split(".")
+  section, _, name = FLAGS.field.partition(".")
+  if section not in FLAGS.config or not name or name not in FLAGS.config[section]:
+    raise app.UsageError(f"--field={FLAGS.field}: no such config field (section.name)")
   progs = {}
   for text in FLAGS.values:
     config = FLAGS.config.copy_and_resolve_references()
