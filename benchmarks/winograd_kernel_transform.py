@@ -38,16 +38,8 @@ flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
 def _separable():
   """(transform, transpose) as two passes of sums over kernel rows, then columns."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import winograd  # pylint: disable=g-import-not-at-top
-
-  def combine(matrix, parts):  # skipping zeros and unit factors, as the old code did
-    out = []
-    for row in matrix:
-      terms = [p if c == 1 else -p if c == -1 else p * np.float32(c)
-               for c, p in zip(row, parts) if c != 0]
-      out.append(sum(terms[1:], terms[0]))
-    return out
+  combine = winograd._combine  # pylint: disable=protected-access  # the tiles' separable sums
 
   def transform(kernel):
     rows = jnp.stack(combine(winograd.G, [kernel[r] for r in range(3)]))  # [6 (i), 3, Cin, Cout]

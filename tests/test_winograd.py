@@ -157,8 +157,8 @@ def test_unet_gradients_with_and_without_winograd(monkeypatch):
     """A new function each time: the switch is read when it is traced."""
     loss = lambda p: jnp.mean(
         (model.apply({"params": p}, x, t, train=True, dropout_keys=keys) - eps) ** 2)
-    fn = jax.jit(jax.value_and_grad(loss))
-    return fn(params), fn.lower(params).compile().as_text().count(" convolution(")
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    return compiled(params), compiled.as_text().count(" convolution(")
 
   (loss_on, grads_on), convs_on = loss_and_grads()
   monkeypatch.setattr(conv, "CPU_WINOGRAD", False)
