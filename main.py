@@ -35,16 +35,31 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _multi_process(config) -> bool:
+  return bool(config.distributed.initialize or FLAGS.coordinator_address)
+
+
 def _setup_devices(config) -> None:
-  """Multi-host initialisation and the CPU device count, before JAX touches a device."""
+  """The CPU device count, the allocator and multi-host initialisation, before JAX touches a device.
+
+  A single-process CPU run is restarted here, once, with ``config.host.malloc``
+  (``ddpm_jax/host_malloc.py``); nothing has been written by then. Multi-process
+  runs keep the allocator they were started with: a restart after
+  ``jax.distributed.initialize`` would break the other processes' rendezvous.
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config_validation, host_malloc  # pylint: disable=g-import-not-at-top
+  config_validation.validate_host(config)
   xla_flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in xla_flags:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices or os.cpu_count() or 1)
   if "collective_call_terminate_timeout" not in xla_flags:
     # CPU all-reduces abort after 40 s by default, which a busy CPU host can exceed.
     os.environ["XLA_FLAGS"] = (xla_flags + " --xla_cpu_collective_call_terminate_timeout_seconds=3600").strip()
-  if config.distributed.initialize or FLAGS.coordinator_address:
+  if not _multi_process(config) and config.host.malloc != "system":
+    if jax.default_backend() == "cpu":  # starts JAX's backends (the CPU one: milliseconds)
+      host_malloc.relaunch_if_needed(config.host.malloc)  # returns only if nothing changes
+  if _multi_process(config):
     if FLAGS.coordinator_address:  # e.g. several CPU processes on one machine
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # On TPU pods and SLURM/Kubernetes GPU clusters the arguments are auto-detected.
@@ -154,7 +169,7 @@ def _preflight_data(config, mode: str) -> None:
 
 def _run(config, workdir: str, mode: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config_validation, host_malloc  # pylint: disable=g-import-not-at-top
   config_validation.validate(config, jax.device_count(), jax.local_device_count())
   _prepare_workdir(workdir)
   _preflight_data(config, mode)
@@ -162,8 +177,9 @@ def _run(config, workdir: str, mode: str) -> None:
     logging.get_absl_handler().use_absl_log_file("log", workdir)
     with open(os.path.join(workdir, f"config_{mode}.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
-               jax.device_count(), jax.devices()[0].platform)
+  logging.info("JAX %s: %d processes, %d devices (%s), C allocator: %s", jax.__version__,
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform,
+               host_malloc.describe())
   if mode == "train":
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, workdir)
@@ -242,9 +258,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_OneLineLibraryErrors())
   _quiet_closed_event_loop_noise()
   config = FLAGS.config
-  _setup_devices(config)
   # Errors a user can fix get one line, not a traceback.
   try:
+    _setup_devices(config)
     _run(config, FLAGS.workdir, FLAGS.mode)
   except Exception as e:  # pylint: disable=broad-except
     message = _user_error_message(e, FLAGS.workdir)

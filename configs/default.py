@@ -94,6 +94,10 @@ def get_config():
   ev.num_fid_samples = 50_000     # samples for FID/IS (paper: 50,000)
   ev.inception_weights = ""       # path of the converted Inception-v3 weights (.npz)
 
+  # ---- the host process (main.py, ddpm_jax/host_malloc.py) ----
+  config.host = host = ml_collections.ConfigDict()
+  host.malloc = "auto"            # C allocator of a single-process CPU run, applied by main.py restarting itself once: 'auto' (jemalloc if installed, else 'glibc_thp') | 'jemalloc' | 'glibc_thp' (glibc with huge pages) | 'system'
+
   # ---- multi-host ----
   config.distributed = ml_collections.ConfigDict()
   config.distributed.initialize = False  # call jax.distributed.initialize() (TPU pods, several GPU hosts)

@@ -6,7 +6,7 @@ import os
 
 import ml_collections
 
-from ddpm_jax import schedules
+from ddpm_jax import host_malloc, schedules
 from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 from ddpm_jax.input_pipeline import DATASETS, IMAGE_EXTENSIONS
 
@@ -53,6 +53,15 @@ def _has_image_file(folder: str) -> bool:
   return False
 
 
+def validate_host(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for an invalid ``host`` section (checked before JAX starts)."""
+  _choice(config, "host.malloc", host_malloc.CHOICES)
+  if config.host.malloc == "jemalloc":
+    _require(host_malloc.find_jemalloc() is not None, "host.malloc", "jemalloc",
+             "libjemalloc.so.2 was not found (Debian/Ubuntu: apt install libjemalloc2); "
+             "'auto' falls back to glibc")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
              num_local_devices: int | None = None) -> None:
   """Raises ConfigError on the first invalid field.
@@ -63,6 +72,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     num_local_devices: devices of this process (the sampling batch is split over them).
   """
   num_local_devices = num_local_devices or num_devices
+  validate_host(config)
   # data
   _choice(config, "data.dataset", DATASETS)
   _int(config, "data.image_size", 1)

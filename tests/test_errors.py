@@ -348,6 +348,9 @@ def test_cli_misspelled_section_and_bad_literal_and_missing_config_file():
     ("--config.training.batch_size=3",
      "error: config.training.batch_size=3 is invalid: must be divisible by the number of "
      "devices (2)"),
+    ("--config.host.malloc=tcmalloc",  # checked before main.py would restart itself with it
+     "error: config.host.malloc='tcmalloc' is invalid: must be one of ('auto', 'jemalloc', "
+     "'glibc_thp', 'system')"),
 ])
 def test_cli_invalid_value(tmp_path, override, expected):
   rc, err = cli(override, workdir=str(tmp_path))

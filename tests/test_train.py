@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -158,6 +159,8 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   r = _main(f"--workdir={part}", "--config.training.num_train_steps=4", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Resumed from the checkpoint at step 2" in r.stderr
+  # main.py restarted itself with an allocator that keeps freed memory (host_malloc).
+  assert re.search(r"C allocator: (jemalloc|glibc_thp)\b", r.stderr), r.stderr[-3000:]
   a, b = _final_state(full), _final_state(part)
   assert int(a.step) == int(b.step) == 4
   assert_states_equal(a, b)
