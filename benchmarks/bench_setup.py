@@ -1,13 +1,22 @@
 """Setup shared by the benchmark scripts: host devices and the real train step's inputs."""
 
 import os
+import sys
 
 
 def use_all_cores(cpu_devices: int = 0) -> None:
-  """One CPU host device per core (or ``cpu_devices``), as main.py does; before any JAX op.
+  """The process as main.py sets it up on a CPU host; call before any JAX op.
 
-  An XLA_FLAGS device count set from outside wins.
+  First the allocator: the process is re-executed once with
+  ``ddpm_jax.host_malloc``'s 'auto' choice (jemalloc, else glibc with huge
+  pages), like main.py's default ``host.malloc``; ``DDPM_JAX_MALLOC=system``
+  in the environment keeps the system's (``benchmarks/host_malloc.py``
+  compares them). Then one CPU host device per core (or ``cpu_devices``); an
+  XLA_FLAGS device count set from outside wins.
   """
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from ddpm_jax import host_malloc  # pylint: disable=g-import-not-at-top
+  host_malloc.relaunch_if_needed("auto")
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_num_cpu_devices", cpu_devices or os.cpu_count() or 1)

@@ -10,7 +10,10 @@ gets, then one summary line per case: the medians and our/peer images-per-s
 ratio. --dtype=bfloat16 runs both sides in bfloat16 compute (float32 weights).
 Both train steps end with the paper's EMA of the weights (decay 0.9999), our
 step's last part; --peer_ema_decay=0 leaves it out of the peer's step only.
-The peer needs torch and diffusers (requirements-bench.txt) in the
+Our side starts as main.py does, with ddpm_jax.host_malloc's allocator
+('auto'); the peer with the system's, or with --peer_malloc=auto|jemalloc|glibc_thp
+the same environment as ours (a check that the allocator is not all of the
+difference). The peer needs torch and diffusers (requirements-bench.txt) in the
 interpreter given by --torch_python; the machine should be otherwise idle.
 """
 
@@ -22,6 +25,9 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from ddpm_jax import host_malloc  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 SMALL = ["--config.model.ch=32", "--config.model.ch_mult=(1,2,2)", "--config.model.num_res_blocks=1"]
 CASES = {
     "cifar10_train": (
@@ -39,8 +45,9 @@ CASES = {
 }
 
 
-def run(cmd):
-  out = subprocess.run(cmd, cwd=os.path.dirname(HERE), capture_output=True, text=True, check=False)
+def run(cmd, env=None):
+  out = subprocess.run(cmd, cwd=os.path.dirname(HERE), capture_output=True, text=True, check=False,
+                       env=env)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode or not lines:
     raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
@@ -58,7 +65,11 @@ def main():
   parser.add_argument("--peer_ema_decay", type=float, default=0.9999,
                       help="the peer's weight EMA in training; ours runs the config's (0.9999). "
                            "0: the peer skips the EMA (our step still does it)")
+  parser.add_argument("--peer_malloc", choices=host_malloc.CHOICES, default="system",
+                      help="the peer process's C allocator (ours: 'auto', as main.py)")
   args = parser.parse_args()
+  peer_env = dict(os.environ)
+  peer_env.update(host_malloc.environment(args.peer_malloc, peer_env, host_malloc.find_jemalloc()))
   summary = []
   for case in args.cases.split(","):
     ours_cmd, peer_args = CASES[case]
@@ -69,10 +80,11 @@ def main():
       ours.append(run([sys.executable, os.path.join(HERE, ours_cmd[0]), *ours_cmd[1:],
                        f"--config.model.dtype={args.dtype}"]))
       peer.append(run([args.torch_python, os.path.join(HERE, "torch_peer.py"), *peer_args,
-                       f"--dtype={args.dtype}"]))
+                       f"--dtype={args.dtype}"], env=peer_env))
     ours_ips = statistics.median(r["images_per_s"] for r in ours)
     peer_ips = statistics.median(r["images_per_s"] for r in peer)
-    summary.append(dict(case=case, dtype=args.dtype, reps=args.reps, ours_images_per_s=ours_ips,
+    summary.append(dict(case=case, dtype=args.dtype, reps=args.reps, peer_malloc=args.peer_malloc,
+                        ours_malloc=ours[0].get("malloc"), ours_images_per_s=ours_ips,
                         peer_images_per_s=peer_ips, ratio=round(ours_ips / peer_ips, 3)))
   for s in summary:
     print(json.dumps(s))

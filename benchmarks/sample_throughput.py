@@ -36,7 +36,7 @@ def main(argv):
   import statistics  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import generate, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import generate, host_malloc, train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   d = jax.local_device_count()
@@ -64,7 +64,7 @@ def main(argv):
         dtype=config.model.dtype, compile_options=p_sample.options, compile_s=round(compile_s, 2),
         sample_s=round(run_s, 3),
         step_s=round(run_s / diffusion.num_timesteps, 5),
-        images_per_s=round(per_call / run_s, 4), all_s=[round(x, 3) for x in times])), flush=True)
+        images_per_s=round(per_call / run_s, 4), malloc=host_malloc.describe(), all_s=[round(x, 3) for x in times])), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 Reports compile time, the median steady-state step time, images/s, the FLOPs of
 one step from XLA's cost analysis, achieved FLOP/s and the fraction of a peak
 (given with --peak_tflops, or measured with a float32 matmul when 0), and peak
-host / device memory. On a CPU host the batch is split over one device per core,
-as main.py does (--cpu_devices to change).
+host / device memory, the page faults per step and the C allocator in use. On a
+CPU host the batch is split over one device per core and the allocator is
+chosen as main.py does (--cpu_devices to change the one; DDPM_JAX_MALLOC=system
+in the environment keeps the system allocator).
 """
 
 import json
@@ -52,7 +54,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import host_malloc, train  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   d = jax.local_device_count()
@@ -73,11 +75,13 @@ def main(argv):
     state, metrics = p_step(state, batch)
   jax.block_until_ready(metrics)
   times = []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(FLAGS.steps):
     t = time.perf_counter()
     state, metrics = p_step(state, batch)
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - t) / n)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / FLAGS.steps / n
   step_s = statistics.median(times)
   peak = FLAGS.peak_tflops * 1e12 if FLAGS.peak_tflops else measure_matmul_peak(jax, jnp)
   achieved = flops_per_call / n / step_s
@@ -98,7 +102,8 @@ def main(argv):
       achieved_tflops=round(achieved / 1e12, 4), peak_tflops=round(peak / 1e12, 4),
       fraction_of_peak=round(achieved / peak, 4),
       peak_host_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      peak_device_bytes=device_peak, all_step_s=[round(x, 5) for x in times],
+      peak_device_bytes=device_peak, page_faults_per_step=round(faults),
+      malloc=host_malloc.describe(), all_step_s=[round(x, 5) for x in times],
       loss=float(np.asarray(metrics["loss"])[0, -1]))))
 
 
