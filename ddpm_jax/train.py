@@ -409,7 +409,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     nonlocal bad_in_a_row, unread
     if not unread:
       return None
-    got = jax.device_get([(first, jax.tree.map(lambda x: x[0], m)) for first, m in unread])
+    # Copied whole and indexed on the host: x[0] on the device would dispatch one
+    # small program per metric and step on every device behind the queued steps.
+    got = [(first, jax.tree.map(lambda x: x[0], m)) for first, m in jax.device_get(unread)]
     unread = []
     sums, count = {}, 0
     for first, m in got:
