@@ -5,8 +5,9 @@ XLA:CPU allocates each call's temporary buffers (activations, gradients: about
 them when the call ends. glibc serves blocks over 32 MiB with ``mmap`` and
 gives them back with ``munmap``, so the next step first-touches fresh pages:
 about 264,000 page faults per CIFAR-10 step and 106,000 per step of the
-1.1M-parameter U-Net on the 2-core development host, 15-25% of the step. An
-allocator that keeps freed memory avoids them (``benchmarks/host_malloc.py``):
+1.1M-parameter U-Net on the 2-core development host. An allocator that keeps
+freed memory avoids them; the train steps then ran 1.10x / 1.15x (glibc_thp)
+and 1.17x / 1.23x (jemalloc) faster (``benchmarks/host_malloc.py``):
 
 * ``jemalloc``: jemalloc preloaded (``LD_PRELOAD``) and told to keep the pages
   it frees (``MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1``): the process
