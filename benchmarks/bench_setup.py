@@ -1,7 +1,6 @@
 """Setup shared by the benchmark scripts: host devices and the real train step's inputs."""
 
 import os
-import sys
 
 
 def use_all_cores(cpu_devices: int = 0) -> None:
@@ -14,12 +13,26 @@ def use_all_cores(cpu_devices: int = 0) -> None:
   compares them). Then one CPU host device per core (or ``cpu_devices``); an
   XLA_FLAGS device count set from outside wins.
   """
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from ddpm_jax import host_malloc  # pylint: disable=g-import-not-at-top
   host_malloc.relaunch_if_needed("auto")
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_num_cpu_devices", cpu_devices or os.cpu_count() or 1)
+
+
+def run_json(cmd, env=None) -> dict:
+  """Runs ``cmd`` (argv) from the repo root; returns its last stdout line starting with '{', parsed.
+
+  A non-zero exit or no such line raises RuntimeError with the end of its stderr.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+  if out.returncode or not lines:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+  return json.loads(lines[-1])
 
 
 def train_step_and_inputs(config):

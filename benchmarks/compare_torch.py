@@ -21,11 +21,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import host_malloc  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SMALL = ["--config.model.ch=32", "--config.model.ch_mult=(1,2,2)", "--config.model.num_res_blocks=1"]
@@ -46,13 +46,9 @@ CASES = {
 
 
 def run(cmd, env=None):
-  out = subprocess.run(cmd, cwd=os.path.dirname(HERE), capture_output=True, text=True, check=False,
-                       env=env)
-  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-  if out.returncode or not lines:
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-  print(lines[-1], flush=True)
-  return json.loads(lines[-1])
+  result = bench_setup.run_json(cmd, env)
+  print(json.dumps(result), flush=True)
+  return result
 
 
 def main():

@@ -18,11 +18,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddpm_jax import host_malloc  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -32,13 +32,9 @@ def run(script_args, choice):
   env.update(host_malloc.environment(choice, env, host_malloc.find_jemalloc())
              or {host_malloc.MARKER: "system"})
   cmd = [sys.executable, os.path.join(HERE, script_args[0]), *script_args[1:]]
-  out = subprocess.run(cmd, cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True,
-                       check=False)
-  lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-  if out.returncode or not lines:
-    raise RuntimeError(f"{choice}: {' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-  print(json.dumps(dict(choice=choice, **json.loads(lines[-1]))), flush=True)
-  return json.loads(lines[-1])
+  result = bench_setup.run_json(cmd, env)
+  print(json.dumps(dict(choice=choice, **result)), flush=True)
+  return result
 
 
 def main():
