@@ -3,6 +3,9 @@
   python benchmarks/winograd_conv.py --config=configs/cifar10.py \
       --config.training.batch_size=8 [--what=train|forward] [--reps=4] [--calls=2]
   python benchmarks/winograd_conv.py --shapes=4x32x32x128x128,16x16x16x64x64
+  python benchmarks/winograd_conv.py --config=configs/cifar10.py --config.model.ch=32 \
+      '--config.model.ch_mult=(1,2,2)' --config.model.num_res_blocks=1 \
+      --config.training.batch_size=32 --min_channels=64,32
 
 ``ddpm_jax.models.conv.CPU_WINOGRAD`` switches the U-Net's 3x3 stride-1 convs
 between ``models/winograd.py`` (where ``winograd.applies``) and XLA's
@@ -10,6 +13,9 @@ convolution (``conv.conv2d``, with its chunked weight gradient). With --config,
 the real pmap-ed train step (or, with --what=forward, one network forward at
 ``sampling.batch_size`` compiled with the samplers' XLA options) is compiled
 both ways and the two programs are called in turns in one process. With
+--min_channels, instead, every program uses Winograd where it applies and the
+values are ``winograd.MIN_MEASURED_CHANNELS``: 64 turns the measured choice for
+32-63 channels (``models/conv_timing.py``) off, 32 is the default. With
 --shapes (``BxHxWxCinxCout`` per device), one conv's forward, and its forward
 plus both gradients, are timed both ways on every device at once. Prints
 milliseconds per call (medians over the rounds) and the speed-up on stderr,
@@ -35,6 +41,8 @@ flags.DEFINE_list("shapes", [], "BxHxWxCinxCout conv shapes per device (instead 
 flags.DEFINE_integer("reps", 4, "Timed rounds; each program runs --calls times per round.")
 flags.DEFINE_integer("calls", 2, "Calls per program per round.")
 flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
+flags.DEFINE_list("min_channels", [], "With --config: winograd.MIN_MEASURED_CHANNELS values "
+                  "to compare (the first is the baseline) instead of Winograd off and on.")
 
 _WAYS = {"xla": False, "winograd": True}
 
@@ -44,11 +52,16 @@ def _forward_program(config):
   return lambda: compiled(*args)
 
 
-def _config_programs(config, what):
-  from ddpm_jax.models import conv  # pylint: disable=g-import-not-at-top
+def _config_programs(config, what, min_channels):
+  from ddpm_jax.models import conv, winograd  # pylint: disable=g-import-not-at-top
+  if min_channels:
+    ways = {f"min{m}": (True, int(m)) for m in min_channels}
+  else:
+    ways = {name: (on, winograd.MIN_MEASURED_CHANNELS) for name, on in _WAYS.items()}
   progs = {}
-  for name, on in _WAYS.items():
-    conv.CPU_WINOGRAD = on  # read when the program is traced below
+  for name, (on, min_measured) in ways.items():
+    # Both read when the program is traced below.
+    conv.CPU_WINOGRAD, winograd.MIN_MEASURED_CHANNELS = on, min_measured
     progs[name] = (bench_setup.compiled_train_step(config) if what == "train"
                    else _forward_program(config))
   return progs
@@ -80,15 +93,17 @@ def main(argv):
   bench_setup.use_all_cores(FLAGS.cpu_devices)
   cases = {}
   if FLAGS.config is not None:
-    cases[FLAGS.what] = (_config_programs(FLAGS.config, FLAGS.what), None)
+    cases[FLAGS.what] = (_config_programs(FLAGS.config, FLAGS.what, FLAGS.min_channels), None)
   for s in FLAGS.shapes:
     cases[s] = _conv_programs(tuple(int(v) for v in s.split("x")))
   if not cases:
     raise app.UsageError("give --config or --shapes")
   results = {}
   for case, (progs, err) in cases.items():
-    ms = bench_setup.time_against_baselines(progs, lambda n: n.replace("winograd", "xla"),
-                                            FLAGS.reps, FLAGS.calls, case)
+    first = next(iter(progs))
+    baseline = ((lambda n: first) if first.startswith("min")
+                else (lambda n: n.replace("winograd", "xla")))
+    ms = bench_setup.time_against_baselines(progs, baseline, FLAGS.reps, FLAGS.calls, case)
     results[case] = {n: round(v, 2) for n, v in ms.items()}
     if err is not None:
       results[case]["forward_max_rel_error"] = err

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax.models import winograd
+from ddpm_jax.models import conv_timing, winograd
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
@@ -36,7 +36,8 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 CPU_WEIGHT_GRAD_CHUNK_BYTES = 1 << 19
 
 # Whether 3x3 stride-1 convs go through Winograd's F(4x4, 3x3) on CPU where
-# ``winograd.applies`` (read when the program is traced; see models/winograd.py).
+# ``winograd.applies``, or where it was measured faster on this host (read when
+# the program is traced; see models/winograd.py and models/conv_timing.py).
 CPU_WINOGRAD = True
 
 # Below this many output channels the weight gradient is cheap and XLA's single
@@ -134,17 +135,25 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 def conv3x3(x: jax.Array, kernel: jax.Array, strides: tuple = (1, 1),
             padding: Padding = "SAME") -> jax.Array:
-  """A 3x3 convolution: :func:`winograd.conv3x3` on CPU where it applies, else :func:`conv2d`.
+  """A 3x3 convolution: :func:`winograd.conv3x3` on CPU where it is faster, else :func:`conv2d`.
 
   Args and result as :func:`conv2d`. Which one runs is decided from the static
-  shapes and dtype when the program is traced (``winograd.applies`` and
-  ``CPU_WINOGRAD``), and then for the platform when it is lowered: GPU and TPU
-  programs always get :func:`conv2d`.
+  shapes and dtype when the program is traced (``CPU_WINOGRAD``, then
+  ``winograd.applies``, or for 32-63 channels ``winograd.worth_measuring`` and
+  a measurement on this host, ``conv_timing.winograd_is_faster``), and then
+  for the platform when it is lowered: GPU and TPU programs always get
+  :func:`conv2d`.
   """
   def direct(x, kernel):
     return conv2d(x, kernel, strides, padding)
 
-  if not (CPU_WINOGRAD
-          and winograd.applies(x.shape, kernel.shape, strides, padding, x.dtype)):
+  args = (x.shape, kernel.shape, strides, padding, x.dtype)
+  use = CPU_WINOGRAD and (
+      winograd.applies(*args)
+      or (winograd.worth_measuring(*args)
+          and conv_timing.winograd_is_faster(x.shape, kernel.shape[-1], x.dtype,
+                                             lambda x, k: conv2d(x, k, (1, 1), "SAME"),
+                                             winograd.conv3x3)))
+  if not use:
     return direct(x, kernel)
   return jax.lax.platform_dependent(x, kernel, cpu=winograd.conv3x3, default=direct)

@@ -64,32 +64,52 @@ TILE = 4  # output pixels per tile side; input tiles are TILE + 2 = 6 wide
 KERNEL_MATRIX = np.einsum("ir,js->jirs", G, G).reshape(36, 9)
 
 # Smallest image side, and fewest input or output channels, that use it
-# (benchmarks/winograd_conv.py --shapes, 2 devices of the 2-core development
-# host, float32). Forward plus both gradients against XLA's conv with chunked
-# weight gradients: 1.2-1.3x for the 1.1M U-Net's 16x16 convs with 64 channels
-# out, and for the CIFAR-10 U-Net's 128-384 channel convs at 16x16 and 32x32
-# (alone, on one core: forward 1.5-1.9x, forward + gradients 2-3.5x). Slower at
-# 32 channels (forward 0.5-0.65x, with gradients 0.83-0.98x: the transforms'
-# memory traffic outweighs the small matrix products) and at 8x8 (too few tiles).
+# (benchmarks/winograd_conv.py --shapes, 2 devices of a 2-core host, float32).
+# Forward plus both gradients against XLA's conv with chunked weight gradients:
+# 1.2-1.3x on an Intel Xeon host for the 1.1M U-Net's 16x16 convs with 64
+# channels out, and for the CIFAR-10 U-Net's 128-384 channel convs at 16x16 and
+# 32x32 (alone, on one core: forward 1.5-1.9x, forward + gradients 2-3.5x);
+# 3x on an AMD EPYC host for 16x16 at 64 channels. Slower at 8x8 (too few tiles).
 MIN_SIDE = 16
 MIN_CHANNELS = 64
+# From this many channels up to MIN_CHANNELS it depends on the CPU (Xeon:
+# 0.83-0.98x with gradients, the transforms' memory traffic outweighing the
+# small matrix products; AMD EPYC: 1.85-2.16x), so conv.conv3x3 measures it
+# on the host (models/conv_timing.py).
+MIN_MEASURED_CHANNELS = 32
+
+
+def _fits(x_shape: Sequence[int], kernel_shape: Sequence[int], strides, padding, dtype) -> bool:
+  """3x3, stride 1, 'SAME', float32, sides multiples of 4 and at least ``MIN_SIDE``."""
+  _, h, w, _ = x_shape
+  kh, kw, _, _ = kernel_shape
+  same = padding == "SAME" or tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+  return bool((kh, kw) == (3, 3) and tuple(strides) == (1, 1) and same
+              and jnp.dtype(dtype) == jnp.float32
+              and h % TILE == 0 and w % TILE == 0 and min(h, w) >= MIN_SIDE)
 
 
 def applies(x_shape: Sequence[int], kernel_shape: Sequence[int], strides, padding,
             dtype) -> bool:
-  """Whether :func:`conv3x3` is used for this convolution on CPU.
+  """Whether :func:`conv3x3` is used for this convolution on CPU, on any host.
 
   Only 3x3 kernels at stride 1 with one pixel of zero padding on each side
   ('SAME'), float32, sides that are multiples of 4 and at least ``MIN_SIDE``,
   and at least ``MIN_CHANNELS`` input and output channels.
   """
-  _, h, w, c_in = x_shape
-  kh, kw, _, c_out = kernel_shape
-  same = padding == "SAME" or tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-  return bool((kh, kw) == (3, 3) and tuple(strides) == (1, 1) and same
-              and jnp.dtype(dtype) == jnp.float32
-              and h % TILE == 0 and w % TILE == 0 and min(h, w) >= MIN_SIDE
-              and min(c_in, c_out) >= MIN_CHANNELS)
+  return (_fits(x_shape, kernel_shape, strides, padding, dtype)
+          and min(x_shape[-1], kernel_shape[-1]) >= MIN_CHANNELS)
+
+
+def worth_measuring(x_shape: Sequence[int], kernel_shape: Sequence[int], strides, padding,
+                    dtype) -> bool:
+  """Whether :func:`conv3x3` may be faster for this convolution, depending on the CPU.
+
+  As :func:`applies`, but with ``MIN_MEASURED_CHANNELS`` to ``MIN_CHANNELS - 1``
+  input or output channels (the fewer of the two).
+  """
+  return (_fits(x_shape, kernel_shape, strides, padding, dtype)
+          and MIN_MEASURED_CHANNELS <= min(x_shape[-1], kernel_shape[-1]) < MIN_CHANNELS)
 
 
 def _combine(matrix: np.ndarray, parts: List[jax.Array]) -> List[jax.Array]:
