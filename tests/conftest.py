@@ -30,6 +30,19 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
+@pytest.fixture(autouse=True)
+def no_conv_timing(monkeypatch):
+  """No test but tests/test_conv_timing.py measures Winograd against XLA's conv.
+
+  Measuring runs both on every one of the 8 test devices, which on a 2-core
+  host made tests/test_unet.py several minutes slower, and would make the
+  tests' programs depend on timings. Unmeasured, 32-63 channel convs and the
+  upsample convs keep XLA's way (``models/conv_timing.py``).
+  """
+  from ddpm_jax.models import conv_timing  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(conv_timing, "MEASURE_FLOPS", 0)
+
+
 @pytest.fixture(scope="session")
 def cifar_metadata_dir(tmp_path_factory):
   """A data_dir holding only the metadata of cifar10 (train: 40, test: 20)."""

@@ -39,21 +39,27 @@ import numpy as np
 # Winograd is used only when XLA's convolution takes at least MARGIN times as long.
 MARGIN = 1.1
 # Examples per device in the measurement, whatever the batch of the traced program
-# (the 1.1M U-Net trains with 16 per device on 2 devices and samples with 8).
+# (the 1.1M U-Net trains with 16 per device on 2 devices and samples with 8),
+# fewer where a call's direct-conv forward would pass MEASURE_FLOPS per device.
+# A layer with one example over MEASURE_FLOPS (the CIFAR-10 U-Net's 256-channel
+# upsample to 32x32, the 256x256 models' wide layers) is not measured, so that
+# no measurement takes more than a few seconds, and keeps XLA's way.
 MEASURE_BATCH = 8
+MEASURE_FLOPS = 1e9
 # Timed rounds per measurement; in each, both programs run CALLS times in turn.
 ROUNDS = 3
 CALLS = 2
 
-Key = Tuple[int, int, int, int, str]
+Key = Tuple[str, int, int, int, int, str]
 _results: Dict[Key, dict] = {}
 
 
 def results() -> Dict[Key, dict]:
-  """The measurements of this process so far: {(H, W, Cin, Cout, dtype): record}.
+  """The measurements of this process so far: {(kind, H, W, Cin, Cout, dtype): record}.
 
   Each record has ``xla_ms`` and ``winograd_ms`` (median ms per call of forward
-  plus both gradients, on every local device at once) and ``winograd`` (the choice).
+  plus both gradients of ``batch`` examples on every local device at once) and
+  ``winograd`` (the choice).
   """
   return {k: dict(v) for k, v in _results.items()}
 
@@ -71,7 +77,9 @@ def _timed_programs(x_shape: Sequence[int], c_out: int, dtype: str,
   c_in = x_shape[-1]
   x = rng.standard_normal((d, *x_shape)).astype(dtype)
   k = (rng.standard_normal((d, 3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype(dtype)
-  dy = rng.standard_normal((d, *x_shape[:-1], c_out)).astype(dtype)
+  y_shape = jax.eval_shape(next(iter(convs.values())), jax.ShapeDtypeStruct(x_shape, dtype),
+                           jax.ShapeDtypeStruct((3, 3, c_in, c_out), dtype)).shape
+  dy = rng.standard_normal((d, *y_shape)).astype(dtype)
   put = jax.pmap(lambda a: a, devices=devices)  # one copy per device, before the timing
   x, k, dy = put(x), put(k), put(dy)
   progs = {}
@@ -99,38 +107,44 @@ def _median_ms(progs: Dict[str, Callable[[], object]]) -> Dict[str, float]:
 
 
 def winograd_is_faster(x_shape: Sequence[int], c_out: int, dtype, xla_conv: Callable,
-                       winograd_conv: Callable) -> bool:
+                       winograd_conv: Callable, kind: str = "conv3x3") -> bool:
   """Whether ``winograd_conv`` is at least ``MARGIN`` times faster than ``xla_conv`` here.
 
   Args:
     x_shape: ``(B, H, W, Cin)`` of one device's input; c_out: output channels.
     dtype: the computation dtype.
     xla_conv, winograd_conv: ``(x [B, H, W, Cin], kernel [3, 3, Cin, Cout]) ->
-      y [B, H, W, Cout]``, the two ways to compute the same 3x3 'SAME' conv.
+      y [B, H', W', Cout]``, two ways to compute the same 3x3 'SAME' conv.
+    kind: what the two compute, part of the record's key: ``'conv3x3'`` (the
+      conv of x), ``'upsample2x_conv3x3'`` (of x upsampled 2x, H' = 2H).
 
   Measured on the first call for a layer shape (H, W, Cin, Cout) and dtype,
   whatever B is (both convs compiled and timed at ``MEASURE_BATCH`` examples
-  per device; see the module docstring), then answered from this process's
+  per device, fewer for large layers; see the module docstring), then answered from this process's
   record.
-  False without measuring where measuring does not apply (``_measurable``).
+  False without measuring where measuring does not apply (``_measurable``) or
+  one example is over ``MEASURE_FLOPS``.
   """
-  if not _measurable():
-    return False
   _, h, w, c_in = (int(s) for s in x_shape)
-  key = (h, w, c_in, int(c_out), np.dtype(dtype).name)
+  out_pixels = h * w * (4 if kind == "upsample2x_conv3x3" else 1)
+  example_flops = 2 * 9 * out_pixels * c_in * int(c_out)
+  if not _measurable() or example_flops > MEASURE_FLOPS:
+    return False
+  key = (kind, h, w, c_in, int(c_out), np.dtype(dtype).name)
   if key not in _results:
+    batch = int(min(MEASURE_BATCH, MEASURE_FLOPS // example_flops))
     # In a thread of its own: JAX's tracing state is per thread, so the
     # measurement's programs are built and run as if nothing were being traced,
     # though the caller is in the middle of tracing its own program.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       ms = pool.submit(lambda: _median_ms(_timed_programs(
-          (MEASURE_BATCH, h, w, c_in), key[3], key[4],
+          (batch, h, w, c_in), key[4], key[5],
           {"xla": xla_conv, "winograd": winograd_conv}))).result()
     chosen = ms["xla"] >= MARGIN * ms["winograd"]
     _results[key] = dict(xla_ms=round(ms["xla"], 3), winograd_ms=round(ms["winograd"], 3),
-                         winograd=chosen)
-    logging.info("3x3 conv %dx%d, %d -> %d channels (%s): XLA %.1f ms, Winograd %.1f ms per "
+                         batch=batch, winograd=chosen)
+    logging.info("%s %dx%d, %d -> %d channels (%s): XLA %.1f ms, Winograd %.1f ms per "
                  "forward + gradients of %d examples on each of %d devices: %s", *key,
-                 ms["xla"], ms["winograd"], MEASURE_BATCH, jax.local_device_count("cpu"),
+                 ms["xla"], ms["winograd"], batch, jax.local_device_count("cpu"),
                  "Winograd" if chosen else "XLA's convolution")
   return _results[key]["winograd"]
