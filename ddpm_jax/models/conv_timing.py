@@ -1,4 +1,4 @@
-"""Which of two 3x3 convolutions is faster on this host, measured once per shape.
+"""Which of two ways to compute a 3x3 convolution is faster on this host, measured once per shape.
 
 Winograd's F(4x4, 3x3) (``models/winograd.py``) beat XLA:CPU's direct
 convolution at 64 or more channels on every CPU it was measured on. At 32 to
@@ -15,10 +15,15 @@ So for those shapes :func:`conv.conv3x3 <ddpm_jax.models.conv.conv3x3>` asks
 ``MEASURE_BATCH`` examples on every local CPU device at once (as the pmap-ed
 train step runs them), when the program is traced. The answer is kept for the
 life of the process and holds for every batch size, so a layer shape costs one
-measurement (two to five seconds), and every program traced later (the model's
-initialisation, the train step, the samplers) makes the same choice. Winograd must win by ``MARGIN``: a host where the two
-are close keeps XLA's convolution, and a small timing noise cannot flip the
-choice between runs. The two differ by float32 rounding only.
+measurement (two to five seconds), and every program traced later (the
+model's initialisation, the train step, the samplers) makes the same choice.
+Winograd must win by ``MARGIN``: a host where the two are close keeps XLA's
+convolution, and a small timing noise cannot flip the choice between runs. The
+two differ by float32 rounding only.
+
+The U-Net's upsample conv asks the same question (kind
+``'upsample2x_conv3x3'``): its two-phase 2x2 convs against Winograd on the
+upsampled input (``models/unet.py``, ``upsample_conv``).
 
 Nothing is measured, and XLA's convolution is kept, unless the default backend
 is the CPU and this is a single-process run (processes of a multi-process run
@@ -120,8 +125,8 @@ def winograd_is_faster(x_shape: Sequence[int], c_out: int, dtype, xla_conv: Call
 
   Measured on the first call for a layer shape (H, W, Cin, Cout) and dtype,
   whatever B is (both convs compiled and timed at ``MEASURE_BATCH`` examples
-  per device, fewer for large layers; see the module docstring), then answered from this process's
-  record.
+  per device, fewer for large layers; see the module docstring), then
+  answered from this process's record.
   False without measuring where measuring does not apply (``_measurable``) or
   one example is over ``MEASURE_FLOPS``.
   """
