@@ -151,8 +151,7 @@ def conv3x3(x: jax.Array, kernel: jax.Array, strides: tuple = (1, 1),
   use = CPU_WINOGRAD and (
       winograd.applies(*args)
       or (winograd.worth_measuring(*args)
-          and conv_timing.winograd_is_faster(x.shape, kernel.shape[-1], x.dtype,
-                                             lambda x, k: conv2d(x, k, (1, 1), "SAME"),
+          and conv_timing.winograd_is_faster(x.shape, kernel.shape[-1], x.dtype, direct,
                                              winograd.conv3x3)))
   if not use:
     return direct(x, kernel)
