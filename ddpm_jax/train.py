@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from absl import logging
 import flax
-from flax import jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -135,8 +134,22 @@ def replicate(tree, devices=None):
 
   The name matters: jax 0.10 treats a mesh with another axis name as another
   sharding and re-lays the state out on every call (measured: 2 ms -> 4 s).
+
+  Each leaf goes to the host once and from there to each device, as that
+  device's shard of a ``[D, ...]`` array (``flax.jax_utils.replicate``'s
+  layout). Flax's stacks D copies on the first device and splits them, which
+  compiles a stack per leaf shape: 15 s against 1.1 s for the CIFAR-10 train
+  state on 8 CPU devices.
   """
-  return jax_utils.replicate(tree, devices=devices, axis_name=AXIS)
+  devices = list(devices or jax.local_devices())
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                        jax.sharding.PartitionSpec(AXIS))
+
+  def one(x):
+    x = np.asarray(x)[None]
+    return jax.make_array_from_single_device_arrays(
+        (len(devices),) + x.shape[1:], sharding, [jax.device_put(x, d) for d in devices])
+  return jax.tree_util.tree_map(one, tree)
 
 
 def unreplicate(tree):
