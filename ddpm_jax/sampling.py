@@ -1,7 +1,9 @@
 """Samplers: Algorithm 2 (ancestral), DDIM, and DDIM inversion, each one ``lax.scan``.
 
 Each loop is a pure function of (diffusion, model_fn, key): wrap it in
-``jax.jit`` with the network parameters closed over or passed in, e.g.::
+``jax.jit`` with the network parameters passed in (closed over, concrete
+parameters become constants of the program, and a large model's make the
+compile slow), e.g.::
 
     @jax.jit
     def sample(params, key):

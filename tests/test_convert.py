@@ -88,8 +88,15 @@ def _torch_forward(model, x_nhwc: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def _jax_forward(config, params):
+  """fn(x, t) -> the converted model's output.
+
+  The parameters are an argument of the jitted function, not constants closed
+  over: embedded in the program, the 256x256 model's 0.45 GB made XLA's
+  compile most of that test's time.
+  """
   model = train.build_model(config)
-  return jax.jit(lambda x, t: model.apply({"params": params}, x, t))
+  fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+  return lambda x, t: fwd(params, x, t)
 
 
 def _compare_forward(unet_kwargs, tmp_path, folder_name, config_name, batch, ts_list, seed):
@@ -135,7 +142,7 @@ def test_cifar10_architecture_matches_diffusers(tmp_path):
 def test_256_architecture_matches_diffusers(tmp_path):
   worst, scale, config, params, _ = _compare_forward(
       LSUN256, tmp_path, "ddpm-church-256", "ddpm_church256", batch=1,
-      ts_list=[(999,), (3,)], seed=1)
+      ts_list=[(500,)], seed=1)  # one t: the time embedding is checked at many t above
   print(f"256x256 U-Net: max |ours - diffusers| = {worst:.3g} (outputs up to {scale:.3g})")
   assert scale > 0.5
   assert worst < 1e-4
