@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 # Shared with tests/test_errors.py; entries are keyed by the program and the flags.
 COMPILE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's cache (conftest.py)
-ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+# The session's XLA_FLAGS (conftest.py: the optimisation level) and two devices.
+ENV = {"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
        "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}

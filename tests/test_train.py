@@ -127,6 +127,11 @@ def test_optimizer_is_adam_with_warmup_and_global_norm_clipping():
     assert_trees_close(upd, jax.tree.map(lambda u: u * lr, ref_upd), rtol=1e-6, atol=1e-12)
 
 
+def _xla_flags(devices):
+  """The session's XLA_FLAGS (conftest.py: the optimisation level) with ``devices`` CPU devices."""
+  return os.environ["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}"
+
+
 def _main(*args, env=None, timeout=600):
   cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "configs/test.py"),
          *args]
@@ -150,7 +155,7 @@ def assert_states_equal(a, b):
 
 
 def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path):
-  two_dev = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  two_dev = {"XLA_FLAGS": _xla_flags(2)}
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
   r = _main(f"--workdir={full}", "--config.training.num_train_steps=4", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -185,7 +190,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   multi = str(tmp_path / "multi")
   args = ["--config.training.num_train_steps=3", "--config.training.checkpoint_every_steps=3"]
   r = _main(f"--workdir={single}", *args,
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+            env={"XLA_FLAGS": _xla_flags(4)})
   assert r.returncode == 0, r.stderr[-3000:]
   import socket
   with socket.socket() as s:
@@ -194,7 +199,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   cmd = lambda i: [sys.executable, os.path.join(ROOT, "main.py"), "--config",
                    os.path.join(ROOT, "configs/test.py"), f"--workdir={multi}", *args,
                    f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=_xla_flags(2))
   procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
