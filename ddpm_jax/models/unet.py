@@ -299,7 +299,7 @@ class AttnBlock(nn.Module):
     x = x.astype(self.dtype)
     # The projections see [B*H*W, C] rows: their weight gradients are then plain
     # [C, rows] x [rows, C] dots; over [B, H*W, C] XLA:CPU transposed both
-    # operands first (benchmarks/attention.py: the block 1.2x faster).
+    # operands first (benchmarks/attention.py: the block 1.1-1.25x faster).
     h = _group_norm(x, "norm", self.dtype).reshape(B * H * W, C)
     # 1/sqrt(C) scales q ([B, HW, C]) rather than the logits ([B, HW, HW]): the same product.
     q = (_dense(C, "q", self.dtype)(h) * (C ** -0.5)).reshape(B, H * W, C)
