@@ -123,7 +123,7 @@ def main(argv):
   from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
 
   impls = variants()
-  names = [n for n in (FLAGS.variants.split(",") if FLAGS.variants else impls)]
+  names = FLAGS.variants.split(",") if FLAGS.variants else list(impls)
   if "library" not in names:
     names = ["library"] + names
   d = jax.local_device_count()

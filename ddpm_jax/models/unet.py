@@ -341,12 +341,13 @@ def _two_phase_taps(kernel: jax.Array, axis: int) -> tuple:
   return jnp.stack([t0, t1 + t2], axis=axis), jnp.stack([t0 + t1, t2], axis=axis)
 
 
-def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array,
+                       bias: Optional[jax.Array] = None) -> jax.Array:
   """3x3 'SAME' conv of the 2x nearest-neighbour upsampling of ``x``, without upsampling.
 
   Args:
     x: ``[B, H, W, Cin]``, any float dtype (the computation dtype).
-    kernel: ``[3, 3, Cin, Cout]`` (HWIO), bias: ``[Cout]``. Taps are summed in
+    kernel: ``[3, 3, Cin, Cout]`` (HWIO), bias: ``[Cout]`` or None. Taps are summed in
       the kernel's dtype (float32 for the model's parameters), then cast to
       ``x``'s.
 
@@ -370,7 +371,8 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.
       cols.append(conv.conv2d(x, k_ab.astype(x.dtype), (1, 1), padding))
     rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), Cout]
   y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), Cout]
-  return y.reshape(B, 2 * H, 2 * W, kernel.shape[-1]) + bias.astype(x.dtype)
+  y = y.reshape(B, 2 * H, 2 * W, kernel.shape[-1])
+  return y if bias is None else y + bias.astype(x.dtype)
 
 
 def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -389,12 +391,9 @@ def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array
   to 32x32, the 256x256 models'), and GPU and TPU programs, get the two-phase form.
   """
   B, H, W, C = x.shape
-  # numpy, not jnp: the measurement builds its own programs from these functions,
-  # and a jnp array made here would be a value of the program being traced.
-  zero = np.zeros((kernel.shape[-1],), np.float32)
 
   def two_phase(x, kernel):
-    return upsample2x_conv3x3(x, kernel, zero)
+    return upsample2x_conv3x3(x, kernel)
 
   def winograd_of_upsampled(x, kernel):
     up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
