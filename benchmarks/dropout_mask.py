@@ -3,17 +3,20 @@
   python benchmarks/dropout_mask.py [--shapes=16x32x32x32,4x32x32x128] [--reps=7]
   python benchmarks/dropout_mask.py --config=configs/cifar10.py [--config.field=...]
 
-Both give the same bits. With ``--shapes``, each shape is timed on one device
-as the U-Net uses a mask, ``where(mask, h / 0.9, 0)``, forward and forward +
-backward, the two implementations alternating; one JSON line per shape with the
-medians and the ratio (JAX time / ours). Default shapes: the largest dropout
+Three ways to the same bits: ``ours`` (``keep_mask`` as the U-Net calls it:
+on CPU the mask is computed once and stored), ``fused`` (``stored=False``: the
+written-out hash, which XLA fuses into, and so recomputes in, each use) and
+``jax``. With ``--shapes``, each shape is timed on one device as the U-Net uses
+a mask, ``where(mask, h / 0.9, 0)``, forward and forward + backward, the
+variants alternating; one JSON line per shape with the medians and the ratios
+(``ratio_fused_*``, ``ratio_jax_*``: that variant's time / ours). Default shapes: the largest dropout
 inputs of the 1.1M-parameter U-Net at 16 images per device (batch 32 on 2
 devices) and of the CIFAR-10 U-Net at 4. Run it under ``taskset -c 0`` to see
 one core, as each device gets when the batch is split over all cores.
 
-With ``--config``, the whole train step is compiled twice in one process, once
-with each kind of mask (on every core, as training runs), and the two programs
-alternate; one JSON line with the medians and the ratio.
+With ``--config``, the whole train step is compiled once per variant in one
+process (on every core, as training runs), and the programs alternate; one
+JSON line with the medians and the ratios.
 """
 
 import json
@@ -43,12 +46,27 @@ def _jax_masks(keys, keep_prob, shape):
   return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, tuple(shape)))(keys)
 
 
+def _variants():
+  """name -> mask function: ours as used (stored on CPU), ours fused into each use, JAX's."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.models import dropout  # pylint: disable=g-import-not-at-top
+  return {"ours": dropout.keep_mask,
+          "fused": functools.partial(dropout.keep_mask, stored=False),
+          "jax": _jax_masks}
+
+
+def _ratios(out, kinds):
+  for kind in kinds:
+    for other in ("fused", "jax"):
+      out[f"ratio_{other}_{kind}"] = round(out[f"{other}_{kind}_ms"] / out[f"ours_{kind}_ms"], 3)
+
+
 def _train_step(config):
   from ddpm_jax.models import dropout  # pylint: disable=g-import-not-at-top
   ours = dropout.keep_mask
   progs = {}
   try:
-    for name, masks in (("ours", ours), ("jax", _jax_masks)):
+    for name, masks in _variants().items():
       dropout.keep_mask = masks  # read when the step is traced below
       call = bench_setup.compiled_train_step(config)
       call()  # one untimed call each
@@ -56,7 +74,7 @@ def _train_step(config):
   finally:
     dropout.keep_mask = ours
   out = bench_setup.median_ms_alternating(progs, (), FLAGS.reps, FLAGS.calls)
-  out["ratio"] = round(out["jax_step_ms"] / out["ours_step_ms"], 3)
+  _ratios(out, ["step"])
   print(json.dumps(dict(case="train_step", **out)), flush=True)
 
 
@@ -64,9 +82,8 @@ def _shapes():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.models import dropout  # pylint: disable=g-import-not-at-top
 
-  masks = {"jax": _jax_masks, "ours": dropout.keep_mask}
+  masks = _variants()
   for spec in FLAGS.shapes.split(","):
     shape = tuple(int(s) for s in spec.split("x"))
     h = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
@@ -78,11 +95,11 @@ def _shapes():
       fwd = jax.jit(apply)
       grad = jax.jit(jax.grad(lambda h, keys, apply=apply: jnp.sum(apply(h, keys) * h)))
       progs[name] = {"fwd": fwd.lower(h, keys).compile(), "fwd_bwd": grad.lower(h, keys).compile()}
-    np.testing.assert_array_equal(np.asarray(progs["jax"]["fwd"](h, keys)),
-                                  np.asarray(progs["ours"]["fwd"](h, keys)))
+    for name in masks:
+      np.testing.assert_array_equal(np.asarray(progs["jax"]["fwd"](h, keys)),
+                                    np.asarray(progs[name]["fwd"](h, keys)))
     out = bench_setup.median_ms_alternating(progs, (h, keys), FLAGS.reps, FLAGS.calls)
-    for kind in ("fwd", "fwd_bwd"):
-      out[f"ratio_{kind}"] = round(out[f"jax_{kind}_ms"] / out[f"ours_{kind}_ms"], 2)
+    _ratios(out, ["fwd", "fwd_bwd"])
     print(json.dumps(dict(shape=spec, **out)), flush=True)
 
 

@@ -101,3 +101,55 @@ def test_keep_mask_is_fused_on_cpu():
   if jax.default_backend() == "cpu":
     assert " while(" in slow  # JAX's CPU lowering: the rolled loop this module avoids
   assert " while(" not in fast
+
+
+def _hash_computations(hlo: str) -> tuple:
+  """(computations that run the 20-round hash, computations reachable only through a conditional).
+
+  A computation runs the hash if it holds at least 20 ``shift-left`` ops (the
+  hash has 20 rotations, each one shift-left).
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  bodies = dict(re.findall(r"\n(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S))
+  hashing = {name for name, body in bodies.items() if body.count(" shift-left(") >= 20}
+  branches = set()
+  for names in re.findall(r"branch_computations=\{([^}]*)\}", hlo):
+    todo = [n.strip().lstrip("%") for n in names.split(",")]
+    while todo:  # everything a branch calls, transitively
+      name = todo.pop()
+      if name in branches or name not in bodies:
+        continue
+      branches.add(name)
+      todo += re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", bodies[name])
+  return hashing, branches
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the stored mask is a CPU choice")
+def test_stored_mask_is_hashed_once_in_forward_and_backward():
+  """On CPU, the gradient program runs the hash only inside the conditional (once per
+  call), where the fused mask is hashed both in the forward and in the backward."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  h = jnp.ones((4, 8, 8, 16), jnp.float32)
+
+  def loss(h, keys, stored):
+    keep = dropout.keep_mask(keys, 0.9, h.shape[1:], stored=stored)
+    return jnp.sum(jnp.where(keep, h / 0.9, 0.0) * jnp.sin(h))
+
+  step = jax.jit(jax.value_and_grad(loss), static_argnums=2)  # loss and gradient, as in training
+  texts = {s: step.lower(h, keys, s).compile().as_text() for s in (True, False)}
+  hashing, branches = _hash_computations(texts[True])
+  assert hashing and hashing <= branches  # every hash is in a branch: computed once, stored
+  hashing, branches = _hash_computations(texts[False])
+  assert len(hashing) == 2 and not branches  # forward and backward fusions each hash
+  grads = {s: step(h, keys, s)[1] for s in (True, False)}
+  ref = jnp.where(jax_bernoulli(keys, 0.9, h.shape[1:]), (jnp.sin(h) + h * jnp.cos(h)) / 0.9, 0.0)
+  for s in (True, False):
+    np.testing.assert_allclose(np.asarray(grads[s]), np.asarray(ref), rtol=1e-6)
+
+
+def test_stored_mask_under_vmap_is_jax_bernoulli():
+  """Under vmap the conditional's predicate is batched (both branches run); same bits."""
+  keys = jax.random.split(jax.random.key(8), 6).reshape(3, 2)
+  got = jax.jit(jax.vmap(lambda k: dropout.keep_mask(k, 0.8, (4, 4, 8))))(keys)
+  ref = jax.vmap(lambda k: jax_bernoulli(k, 0.8, (4, 4, 8)))(keys)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
