@@ -93,6 +93,7 @@ def main(argv):
       framework="jax", jax_version=jax.__version__, platform=jax.devices()[0].platform,
       devices=d, batch=config.training.batch_size, image_size=config.data.image_size,
       dtype=config.model.dtype, steps_per_call=n, multi_step_loop=loop,
+      grad_all_reduce=train.grad_all_reduce(config),
       grad_accum_steps=config.training.grad_accum_steps,
       remat=config.model.remat,
       params=int(sum(x.size for x in jax.tree.leaves(train.unreplicate(state.params)))),

@@ -64,6 +64,7 @@ def get_config():
   training.seed = 0               # seed of the parameters and the per-example t/noise/dropout draws
   training.steps_per_call = 1     # optimiser steps per host->device call, in one program; >1 cuts dispatch overhead
   training.multi_step_loop = "auto"  # how those steps are chained: 'scan' (lax.scan; compile time independent of steps_per_call) | 'unroll' | 'auto' (unroll on CPU, where scan ran 2-9x slower; scan elsewhere)
+  training.grad_all_reduce = "auto"  # averaging gradients over devices: 'flat' (one all-reduce of all of them concatenated) | 'tree' (one buffer per parameter; XLA combines) | 'auto' (flat on CPU, where it made the 1.1M U-Net's step 1.05x faster; tree elsewhere)
   training.grad_accum_steps = 1   # split each device's batch into this many micro-batches (same result, less memory)
   training.log_every_steps = 100  # console + TensorBoard metrics every N steps
   training.checkpoint_every_steps = 10_000  # write a checkpoint every N steps (and always at the end)

@@ -149,6 +149,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _int(config, "training.num_train_steps", 1)
   _int(config, "training.steps_per_call", 1)
   _choice(config, "training.multi_step_loop", ("auto", "scan", "unroll"))
+  _choice(config, "training.grad_all_reduce", ("auto", "flat", "tree"))
   for field in ("num_train_steps", "checkpoint_every_steps", "log_every_steps"):
     v = t[field]
     _int(config, f"training.{field}", 1 if field != "checkpoint_every_steps" else 0)

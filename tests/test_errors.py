@@ -148,6 +148,11 @@ def test_nan_policy_unknown():
       "config.training.nan_policy='ignore' is invalid: must be one of ('skip', 'stop')")
 
 
+def test_grad_all_reduce_unknown():
+  assert validation_error(training__grad_all_reduce="ring") == (
+      "config.training.grad_all_reduce='ring' is invalid: must be one of ('auto', 'flat', 'tree')")
+
+
 def test_max_consecutive_nonfinite_zero():
   assert validation_error(training__max_consecutive_nonfinite=0) == (
       "config.training.max_consecutive_nonfinite=0 is invalid: must be an integer >= 1")

@@ -95,6 +95,37 @@ def test_auto_multi_step_loop_unrolls_on_cpu_only():
   assert train.multi_step_loop(config, "cpu") == "scan"
 
 
+def test_auto_grad_all_reduce_is_flat_on_cpu_only():
+  config = test_config.get_config()
+  assert config.training.grad_all_reduce == "auto"
+  assert train.grad_all_reduce(config, "cpu") == "flat"
+  assert train.grad_all_reduce(config, "tpu") == "tree"
+  assert train.grad_all_reduce(config, "gpu") == "tree"
+  config.training.grad_all_reduce = "tree"
+  assert train.grad_all_reduce(config, "cpu") == "tree"
+
+
+def test_flat_and_tree_all_reduce_are_the_same_steps():
+  """Averaging the gradients as one flat vector or leaf by leaf: the same sums, so the same
+  trajectory bit for bit; and both equal the mean of each device's own gradient."""
+  config = test_config.get_config()
+  devices = jax.local_devices()[:2]
+  runs = {}
+  for how in ("flat", "tree"):
+    config.training.grad_all_reduce = how
+    runs[how] = run_steps(config, devices, 2)
+  for a, b in zip(jax.tree.leaves(runs["flat"][0][-1]), jax.tree.leaves(runs["tree"][0][-1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [m["loss"] for m in runs["flat"][1]] == [m["loss"] for m in runs["tree"][1]]
+
+  # Independent of both: pmean of a [D, n] tree by hand, as numpy's mean over devices.
+  tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32([[1.5], [-2.0]])}
+  mean = jax.pmap(lambda t: train._device_mean(t, "flat"), axis_name=train.AXIS,
+                  devices=devices)(tree)
+  np.testing.assert_array_equal(np.asarray(mean["a"]), np.tile(tree["a"].mean(0), (2, 1)))
+  np.testing.assert_array_equal(np.asarray(mean["b"]), np.tile(tree["b"].mean(0), (2, 1)))
+
+
 def test_ema_warmup_and_first_step():
   config = test_config.get_config()
   states, metrics = run_steps(config, jax.local_devices()[:2], 3)
