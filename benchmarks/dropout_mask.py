@@ -9,10 +9,11 @@ written-out hash, which XLA fuses into, and so recomputes in, each use) and
 ``jax``. With ``--shapes``, each shape is timed on one device as the U-Net uses
 a mask, ``where(mask, h / 0.9, 0)``, forward and forward + backward, the
 variants alternating; one JSON line per shape with the medians and the ratios
-(``ratio_fused_*``, ``ratio_jax_*``: that variant's time / ours). Default shapes: the largest dropout
-inputs of the 1.1M-parameter U-Net at 16 images per device (batch 32 on 2
-devices) and of the CIFAR-10 U-Net at 4. Run it under ``taskset -c 0`` to see
-one core, as each device gets when the batch is split over all cores.
+(``ratio_fused_*``, ``ratio_jax_*``: that variant's time / ours). Default
+shapes: the largest dropout inputs of the 1.1M-parameter U-Net at 16 images per
+device (batch 32 on 2 devices) and of the CIFAR-10 U-Net at 4. Run it under
+``taskset -c 0`` to see one core, as each device gets when the batch is split
+over all cores.
 
 With ``--config``, the whole train step is compiled once per variant in one
 process (on every core, as training runs), and the programs alternate; one

@@ -85,24 +85,18 @@ def test_several_steps_per_call_are_the_same_steps():
     assert_trees_close(ref[-1].ema_params, state.ema_params, rtol=1e-4, atol=1e-5)
 
 
-def test_auto_multi_step_loop_unrolls_on_cpu_only():
+@pytest.mark.parametrize("field,on_cpu,elsewhere", [("multi_step_loop", "unroll", "scan"),
+                                                     ("grad_all_reduce", "flat", "tree")])
+def test_auto_choices_differ_on_cpu_only(field, on_cpu, elsewhere):
+  """The 'auto' default of each CPU-specific switch, by platform, and an explicit value kept."""
   config = test_config.get_config()
-  assert config.training.multi_step_loop == "auto"
-  assert train.multi_step_loop(config, "cpu") == "unroll"
-  assert train.multi_step_loop(config, "tpu") == "scan"
-  assert train.multi_step_loop(config, "gpu") == "scan"
-  config.training.multi_step_loop = "scan"
-  assert train.multi_step_loop(config, "cpu") == "scan"
-
-
-def test_auto_grad_all_reduce_is_flat_on_cpu_only():
-  config = test_config.get_config()
-  assert config.training.grad_all_reduce == "auto"
-  assert train.grad_all_reduce(config, "cpu") == "flat"
-  assert train.grad_all_reduce(config, "tpu") == "tree"
-  assert train.grad_all_reduce(config, "gpu") == "tree"
-  config.training.grad_all_reduce = "tree"
-  assert train.grad_all_reduce(config, "cpu") == "tree"
+  choose = getattr(train, field)  # train.multi_step_loop / train.grad_all_reduce
+  assert config.training[field] == "auto"
+  assert choose(config, "cpu") == on_cpu
+  assert choose(config, "tpu") == elsewhere
+  assert choose(config, "gpu") == elsewhere
+  config.training[field] = elsewhere
+  assert choose(config, "cpu") == elsewhere
 
 
 def test_flat_and_tree_all_reduce_are_the_same_steps():
