@@ -1,5 +1,6 @@
 """Samplers with an oracle network for Gaussian data, where the answer is known."""
 
+import functools
 import math
 
 import jax
@@ -145,3 +146,23 @@ def test_ddim_inversion_round_trip():
   back = sampling.ddim_sample_loop(d, gaussian_oracle(), x0.shape, jax.random.PRNGKey(0),
                                    eta=0.0, clip_denoised=False, noise=x_T)
   np.testing.assert_allclose(np.asarray(back), np.asarray(x0), atol=5e-3)
+
+
+@pytest.mark.parametrize("loop", ["ancestral", "ddim"])
+def test_sampler_program_does_not_grow_with_the_number_of_steps(loop):
+  """One lax.scan over the steps: the network is traced once, and the compiled program for
+  1000 steps has a while loop and as many instructions as the one for 10 steps (an unrolled
+  loop would have ~100x more), so its compile time does not grow with T."""
+  sizes = {}
+  for T in (10, 1000):
+    d = GaussianDiffusion(schedules.get_beta_schedule("linear", T))
+    traced = []
+    oracle = gaussian_oracle(traced)
+    sample_loop = {"ancestral": sampling.ancestral_sample_loop,
+                   "ddim": sampling.ddim_sample_loop}[loop]
+    fn = functools.partial(sample_loop, d, oracle, (4, 2, 2, 1))
+    hlo = jax.jit(fn).lower(jax.random.PRNGKey(0)).compile().as_text()
+    assert len(traced) == 1, (T, len(traced))
+    assert " while(" in hlo
+    sizes[T] = sum(1 for line in hlo.splitlines() if " = " in line)  # HLO instructions
+  assert sizes[1000] <= sizes[10] + 10, sizes
