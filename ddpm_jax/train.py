@@ -233,10 +233,15 @@ def grad_all_reduce(config, platform: str | None = None) -> str:
   all-reduce combiner already batches the buffers, and flattening would add two
   copies.
   """
-  choice = config.training.grad_all_reduce
-  if choice == "auto":
-    return "flat" if (platform or jax.default_backend()) == "cpu" else "tree"
-  return choice
+  return _auto_by_platform(config.training.grad_all_reduce, platform, on_cpu="flat",
+                           elsewhere="tree")
+
+
+def _auto_by_platform(choice: str, platform: str | None, on_cpu: str, elsewhere: str) -> str:
+  """``choice``, with 'auto' resolved for ``platform`` (default: JAX's backend)."""
+  if choice != "auto":
+    return choice
+  return on_cpu if (platform or jax.default_backend()) == "cpu" else elsewhere
 
 
 def _device_mean(tree: Any, how: str) -> Any:
@@ -317,10 +322,8 @@ def multi_step_loop(config, platform: str | None = None) -> str:
   it compiled in 14 s instead of 45 s; scan's compile time does not grow with
   steps_per_call.
   """
-  loop = config.training.multi_step_loop
-  if loop == "auto":
-    return "unroll" if (platform or jax.default_backend()) == "cpu" else "scan"
-  return loop
+  return _auto_by_platform(config.training.multi_step_loop, platform, on_cpu="unroll",
+                           elsewhere="scan")
 
 
 def make_p_train_step(model, diffusion, tx, config, devices=None):
