@@ -1,23 +1,74 @@
-"""Setup shared by the benchmark scripts: host devices and the real train step's inputs."""
+"""Setup shared by the benchmark scripts: devices, the process, the real train step's inputs."""
 
 import os
 
 
 def use_all_cores(cpu_devices: int = 0) -> None:
-  """The process as main.py sets it up on a CPU host; call before any JAX op.
+  """One CPU host device per core (or ``cpu_devices``); call before any JAX op.
 
-  First the allocator: the process is re-executed once with
-  ``ddpm_jax.host_malloc``'s 'auto' choice (jemalloc, else glibc with huge
-  pages), like main.py's default ``host.malloc``; ``DDPM_JAX_MALLOC=system``
-  in the environment keeps the system's (``benchmarks/host_malloc.py``
-  compares them). Then one CPU host device per core (or ``cpu_devices``); an
-  XLA_FLAGS device count set from outside wins.
+  An XLA_FLAGS device count set from outside wins. For the scripts that time
+  single operations; the ones that build a model from a config call
+  :func:`setup` (which does this too).
   """
-  from ddpm_jax import host_malloc  # pylint: disable=g-import-not-at-top
-  host_malloc.relaunch_if_needed("auto")
   if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     import jax  # pylint: disable=g-import-not-at-top
+
     jax.config.update("jax_num_cpu_devices", cpu_devices or os.cpu_count() or 1)
+
+
+def setup(config, cpu_devices: int = 0) -> None:
+  """The process as main.py sets it up for ``config`` (``ddpm_jax.host.setup``); before any JAX op."""
+  from ddpm_jax import host  # pylint: disable=g-import-not-at-top
+
+  use_all_cores(cpu_devices)
+  host.setup(config, cpu_devices)
+
+
+def malloc_info() -> dict:
+  """The C allocator of this process, for the JSON lines (``ddpm_jax.cpu.malloc.describe``)."""
+  from ddpm_jax.cpu import malloc  # pylint: disable=g-import-not-at-top
+
+  return dict(malloc=malloc.describe())
+
+
+# The allocator variants of a benchmark process (host_malloc.py; compare_torch.py's peer).
+MALLOC_VARIANTS = ("system", "glibc_thp", "jemalloc")
+
+
+def malloc_environment(variant: str, environ=None) -> dict:
+  """A copy of ``environ`` (default: this process's) for a child started with ``variant``.
+
+  'system': glibc as is; 'glibc_thp': glibc with transparent huge pages (glibc
+  2.35+); 'jemalloc': jemalloc preloaded, keeping the pages it frees
+  (ValueError when ``libjemalloc.so.2`` is not found). Allocators already
+  preloaded and the huge-page tunable are removed first, so each variant starts
+  from the system's.
+  """
+  from ddpm_jax.cpu import malloc  # pylint: disable=g-import-not-at-top
+
+  if variant not in MALLOC_VARIANTS:
+    raise ValueError(f"unknown allocator variant {variant!r}; expected one of {MALLOC_VARIANTS}")
+  env = dict(os.environ if environ is None else environ)
+  allocators = ("jemalloc", "tcmalloc", "mimalloc")
+  preload = [p for p in env.pop("LD_PRELOAD", "").split() if not any(a in p for a in allocators)]
+  tunables = [
+      t for t in env.pop("GLIBC_TUNABLES", "").split(":") if t and t != malloc.GLIBC_THP_TUNABLE
+  ]
+  if variant == "glibc_thp":
+    tunables.append(malloc.GLIBC_THP_TUNABLE)
+  if variant == "jemalloc":
+    path = malloc.find_jemalloc()
+    if not path:
+      raise ValueError("libjemalloc.so.2 was not found (Debian/Ubuntu: apt install libjemalloc2)")
+    preload.insert(0, path)
+    env["MALLOC_CONF"] = ",".join(
+        c for c in (malloc.JEMALLOC_CONF, env.get("MALLOC_CONF", "")) if c
+    )
+  if preload:
+    env["LD_PRELOAD"] = " ".join(preload)
+  if tunables:
+    env["GLIBC_TUNABLES"] = ":".join(tunables)
+  return env
 
 
 def run_json(cmd, env=None) -> dict:
@@ -27,6 +78,7 @@ def run_json(cmd, env=None) -> dict:
   """
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -35,24 +87,40 @@ def run_json(cmd, env=None) -> dict:
   return json.loads(lines[-1])
 
 
+def with_cpu_kernels(config, on: bool = True):
+  """A copy of ``config`` with ``model.cpu_kernels`` set to ``on``."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.cpu_kernels = on
+  return config
+
+
 def train_step_and_inputs(config):
   """(pmap-ed train step, replicated state, one device-sharded batch of uniform noise images).
 
-  The batch is [D, steps_per_call, B / D, H, W, C], already on the devices.
+  The batch is ``{'image': [D, steps_per_call, B / D, H, W, C]}`` (plus
+  random 'label' [D, steps_per_call, B / D] for a conditional model), already
+  on the devices.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import config_validation, input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config_validation.validate(config, jax.device_count(), jax.local_device_count())
   d = jax.local_device_count()
-  model = train.build_model(config)
-  tx = train.create_optimizer(config.optim)
-  state = train.replicate(train.create_train_state(config, model, tx))
-  p_step = train.make_p_train_step(model, train.build_diffusion(config), tx, config)
-  shape = (d, config.training.steps_per_call, config.training.batch_size // d) + train.image_shape(config)
-  images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-  batch = next(input_pipeline.prefetch_to_device(iter([images]), 1))
+  model = state_lib.build_model(config)
+  tx = state_lib.create_optimizer(config.optim)
+  state = state_lib.replicate(state_lib.create_train_state(config, model, tx))
+  p_step = step_lib.make_p_train_step(model, state_lib.build_diffusion(config), tx, config)
+  lead = (d, config.training.steps_per_call, config.training.batch_size // d)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, lead + state_lib.image_shape(config)).astype(np.float32)}
+  if config.model.num_classes:
+    batch["label"] = rng.integers(0, config.model.num_classes, lead).astype(np.int32)
+  batch = next(pipeline.prefetch_to_device(iter([batch]), 1, axis_name=state_lib.AXIS))
   return p_step, state, batch
 
 
@@ -60,9 +128,9 @@ def compiled_train_step(config, options=None):
   """A zero-argument call of the real train step, compiled now (with XLA ``options``, if any).
 
   Each call runs one step on a fixed batch and returns the metrics; the state
-  is donated and carried from call to call. Whatever module-level switches the
+  is donated and carried from call to call. Whatever module attributes the
   model reads at trace time are read here, so programs built one after another
-  can differ (the A/B benchmarks rely on this).
+  can differ (the A/B benchmarks patch ``ddpm_jax.cpu`` functions this way).
   """
   fn, state, batch = train_step_and_inputs(config)
   lowered = fn.lower(state, batch)
@@ -72,6 +140,7 @@ def compiled_train_step(config, options=None):
   def call():
     box[0], metrics = compiled(box[0], batch)
     return metrics
+
   return call
 
 
@@ -82,33 +151,37 @@ def model_and_random_params(config):
   """
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import config_validation, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 
   config_validation.validate(config, jax.device_count(), jax.local_device_count())
-  model = train.build_model(config)
-  params = jax.jit(functools.partial(train.init_params, model, config))(jax.random.PRNGKey(0))
-  return model, train.replicate(params)
+  model = state_lib.build_model(config)
+  params = jax.jit(functools.partial(state_lib.init_params, model, config))(jax.random.PRNGKey(0))
+  return model, state_lib.replicate(params)
 
 
 def compiled_forward(config):
   """(compiled pmap-ed network forward, its args): ``sampling.batch_size`` images at t = T/2.
 
-  Compiled with the samplers' XLA options (``compile_options.forward_options``),
-  as the samplers are; random parameters, zero images.
+  Compiled as the samplers are: with ``cpu.compile_options.forward_options``
+  when the model uses the CPU kernels; random parameters, zero images.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import compile_options, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.cpu import compile_options  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 
   model, p_params = model_and_random_params(config)
   d = jax.local_device_count()
   b = config.sampling.batch_size // d
-  x = jnp.zeros((d, b) + train.image_shape(config), jnp.float32)
+  x = jnp.zeros((d, b) + state_lib.image_shape(config), jnp.float32)
   t = jnp.full((d, b), config.diffusion.num_timesteps // 2, jnp.int32)
+  y = jnp.zeros((d, b), jnp.int32) if config.model.num_classes else None
   fn = compile_options.CompiledWithOptions(
-      jax.pmap(lambda p, x, t: model.apply({"params": p}, x, t, train=False)),
-      compile_options.forward_options(config.sampling.cpu_compile_options))
-  args = (p_params, x, t)
+      jax.pmap(lambda p, x, t, y: model.apply({"params": p}, x, t, y, train=False)),
+      compile_options.forward_options() if model.cpu_kernels else None,
+  )
+  args = (p_params, x, t, y)
   return fn.compile(*args), args
 
 
@@ -177,6 +250,7 @@ def time_against_baselines(progs, baseline_of, reps: int, calls: int, case: str 
   medians = median_ms_alternating({n: {"call": fn} for n, fn in progs.items()}, (), reps, calls)
   ms = {n: medians[f"{n}_call_ms"] for n in progs}
   for n, v in ms.items():
-    print(f"{case:>20} {n:>24}: {v:9.2f} ms per call, {ms[baseline_of(n)] / v:5.2f}x",
-          file=sys.stderr)
+    print(
+        f"{case:>20} {n:>24}: {v:9.2f} ms per call, {ms[baseline_of(n)] / v:5.2f}x", file=sys.stderr
+    )
   return ms

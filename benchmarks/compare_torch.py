@@ -10,10 +10,12 @@ gets, then one summary line per case: the medians and our/peer images-per-s
 ratio. --dtype=bfloat16 runs both sides in bfloat16 compute (float32 weights).
 Both train steps end with the paper's EMA of the weights (decay 0.9999), our
 step's last part; --peer_ema_decay=0 leaves it out of the peer's step only.
-Our side starts as main.py does, with ddpm_jax.host_malloc's allocator
-('auto'); the peer with the system's, or with --peer_malloc=auto|jemalloc|glibc_thp
-the same environment as ours (a check that the allocator is not all of the
-difference). The peer needs torch and diffusers (requirements-bench.txt) in the
+Our side runs with --config.model.cpu_kernels=True (--ours_cpu_kernels=False:
+the plain Flax model) and starts as main.py does (``ddpm_jax.host.setup``: with
+the CPU kernels, glibc keeps the memory XLA frees); the peer with the system's
+allocator, or with --peer_malloc=glibc_thp|jemalloc that environment
+(``bench_setup.malloc_environment``; a check that the allocator is not all of
+the difference). The peer needs torch and diffusers (requirements-bench.txt) in the
 interpreter given by --torch_python; the machine should be otherwise idle.
 """
 
@@ -26,22 +28,43 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddpm_jax import host_malloc  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-SMALL = ["--config.model.ch=32", "--config.model.ch_mult=(1,2,2)", "--config.model.num_res_blocks=1"]
+SMALL = [
+    "--config.model.ch=32",
+    "--config.model.ch_mult=(1,2,2)",
+    "--config.model.num_res_blocks=1",
+]
 CASES = {
     "cifar10_train": (
-        ["train_throughput.py", "--config=configs/cifar10.py", "--config.training.batch_size=8",
-         "--steps=5", "--warmup=1"],
-        ["--model=cifar10", "--mode=train", "--batch=8", "--reps=5", "--warmup=2"]),
+        [
+            "train_throughput.py",
+            "--config=configs/cifar10.py",
+            "--config.training.batch_size=8",
+            "--steps=5",
+            "--warmup=1",
+        ],
+        ["--model=cifar10", "--mode=train", "--batch=8", "--reps=5", "--warmup=2"],
+    ),
     "small_train": (
-        ["train_throughput.py", "--config=configs/cifar10.py", "--config.training.batch_size=32",
-         "--steps=10", *SMALL],
-        ["--model=small", "--mode=train", "--batch=32", "--reps=10", "--warmup=3"]),
+        [
+            "train_throughput.py",
+            "--config=configs/cifar10.py",
+            "--config.training.batch_size=32",
+            "--steps=10",
+            *SMALL,
+        ],
+        ["--model=small", "--mode=train", "--batch=32", "--reps=10", "--warmup=3"],
+    ),
     "small_sample1000": (
-        ["sample_throughput.py", "--config=configs/cifar10.py", "--config.sampling.batch_size=16",
-         "--samplers=ancestral:0", *SMALL],
-        ["--model=small", "--mode=sample", "--num=16", "--steps=1000", "--reps=1"]),
+        [
+            "sample_throughput.py",
+            "--config=configs/cifar10.py",
+            "--config.sampling.batch_size=16",
+            "--samplers=ancestral:0",
+            *SMALL,
+        ],
+        ["--model=small", "--mode=sample", "--num=16", "--steps=1000", "--reps=1"],
+    ),
 }
 
 
@@ -56,16 +79,36 @@ def main():
   parser.add_argument("--torch_python", required=True)
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--cases", default=",".join(CASES))
-  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                      help="compute dtype on both sides (ours: model.dtype; peer: torch.autocast)")
-  parser.add_argument("--peer_ema_decay", type=float, default=0.9999,
-                      help="the peer's weight EMA in training; ours runs the config's (0.9999). "
-                           "0: the peer skips the EMA (our step still does it)")
-  parser.add_argument("--peer_malloc", choices=host_malloc.CHOICES, default="system",
-                      help="the peer process's C allocator (ours: 'auto', as main.py)")
+  parser.add_argument(
+      "--dtype",
+      choices=["float32", "bfloat16"],
+      default="float32",
+      help="compute dtype on both sides (ours: model.dtype; peer: torch.autocast)",
+  )
+  parser.add_argument(
+      "--peer_ema_decay",
+      type=float,
+      default=0.9999,
+      help="the peer's weight EMA in training; ours runs the config's (0.9999). "
+      "0: the peer skips the EMA (our step still does it)",
+  )
+  parser.add_argument(
+      "--peer_malloc",
+      choices=["system", "glibc_thp", "jemalloc"],
+      default="system",
+      help="the peer process's C allocator (ours: as main.py sets it up)",
+  )
+  parser.add_argument(
+      "--ours_cpu_kernels",
+      type=lambda v: v.lower() in ("1", "true", "yes"),
+      default=True,
+      help="our side with model.cpu_kernels (True/False)",
+  )
   args = parser.parse_args()
-  peer_env = dict(os.environ)
-  peer_env.update(host_malloc.environment(args.peer_malloc, peer_env, host_malloc.find_jemalloc()))
+  try:
+    peer_env = bench_setup.malloc_environment(args.peer_malloc)
+  except ValueError as e:
+    parser.error(str(e))
   summary = []
   for case in args.cases.split(","):
     ours_cmd, peer_args = CASES[case]
@@ -73,15 +116,43 @@ def main():
     if "--mode=train" in peer_args:
       peer_args = [*peer_args, f"--ema_decay={args.peer_ema_decay}"]
     for _ in range(args.reps):
-      ours.append(run([sys.executable, os.path.join(HERE, ours_cmd[0]), *ours_cmd[1:],
-                       f"--config.model.dtype={args.dtype}"]))
-      peer.append(run([args.torch_python, os.path.join(HERE, "torch_peer.py"), *peer_args,
-                       f"--dtype={args.dtype}"], env=peer_env))
+      ours.append(
+          run(
+              [
+                  sys.executable,
+                  os.path.join(HERE, ours_cmd[0]),
+                  *ours_cmd[1:],
+                  f"--config.model.dtype={args.dtype}",
+                  f"--config.model.cpu_kernels={args.ours_cpu_kernels}",
+              ]
+          )
+      )
+      peer.append(
+          run(
+              [
+                  args.torch_python,
+                  os.path.join(HERE, "torch_peer.py"),
+                  *peer_args,
+                  f"--dtype={args.dtype}",
+              ],
+              env=peer_env,
+          )
+      )
     ours_ips = statistics.median(r["images_per_s"] for r in ours)
     peer_ips = statistics.median(r["images_per_s"] for r in peer)
-    summary.append(dict(case=case, dtype=args.dtype, reps=args.reps, peer_malloc=args.peer_malloc,
-                        ours_malloc=ours[0].get("malloc"), ours_images_per_s=ours_ips,
-                        peer_images_per_s=peer_ips, ratio=round(ours_ips / peer_ips, 3)))
+    summary.append(
+        dict(
+            case=case,
+            dtype=args.dtype,
+            reps=args.reps,
+            peer_malloc=args.peer_malloc,
+            ours_cpu_kernels=args.ours_cpu_kernels,
+            ours_malloc=ours[0].get("malloc"),
+            ours_images_per_s=ours_ips,
+            peer_images_per_s=peer_ips,
+            ratio=round(ours_ips / peer_ips, 3),
+        )
+    )
   for s in summary:
     print(json.dumps(s))
 

@@ -11,6 +11,10 @@ its speed-up over the first value. Programs built in one process share the
 host's state of the moment, so a difference of a few percent can be seen on a
 noisy machine where runs one after another cannot resolve it. Values are
 parsed as Python literals (``True``, ``4``, ``'scan'``), else kept as strings.
+The process is set up for --config as given (``ddpm_jax.host.setup``; e.g.
+--config.model.cpu_kernels=True has glibc keep freed memory for all programs),
+so ``--field=model.cpu_kernels --values=False,True`` compares the plain model
+with the CPU kernels under one allocator setting.
 Prints a table on stderr and one JSON line on stdout.
 """
 
@@ -45,8 +49,9 @@ def _literal(text: str):
 
 def main(argv):
   del argv
-  bench_setup.use_all_cores(FLAGS.cpu_devices)
+  bench_setup.setup(FLAGS.config, FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
+
   section, _, name = FLAGS.field.partition(".")
   if section not in FLAGS.config or not name or name not in FLAGS.config[section]:
     raise app.UsageError(f"--field={FLAGS.field}: no such config field (section.name)")
@@ -56,12 +61,20 @@ def main(argv):
     with config.unlocked():
       config[section][name] = _literal(text)
     progs[text] = bench_setup.compiled_train_step(config)
-  ms = bench_setup.time_against_baselines(progs, lambda v: FLAGS.values[0], FLAGS.reps,
-                                          FLAGS.calls, FLAGS.field)
+  ms = bench_setup.time_against_baselines(
+      progs, lambda v: FLAGS.values[0], FLAGS.reps, FLAGS.calls, FLAGS.field
+  )
   base = ms[FLAGS.values[0]]
-  print(json.dumps(dict(field=FLAGS.field, devices=jax.local_device_count(),
-                        ms={v: round(t, 2) for v, t in ms.items()},
-                        speedup={v: round(base / t, 3) for v, t in ms.items()})))
+  print(
+      json.dumps(
+          dict(
+              field=FLAGS.field,
+              devices=jax.local_device_count(),
+              ms={v: round(t, 2) for v, t in ms.items()},
+              speedup={v: round(base / t, 3) for v, t in ms.items()},
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

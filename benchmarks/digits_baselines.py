@@ -19,7 +19,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import digits  # pylint: disable=g-import-not-at-top
-from ddpm_jax import evaluate, input_pipeline, metrics  # pylint: disable=g-import-not-at-top
+from ddpm_jax.data import sources  # pylint: disable=g-import-not-at-top
+from ddpm_jax.evaluation import features, metrics  # pylint: disable=g-import-not-at-top
 
 
 def main():
@@ -28,9 +29,9 @@ def main():
   parser.add_argument("--num", type=int, default=1000, help="images per synthetic set")
   args = parser.parse_args()
   config = digits.get_config()
-  extractor = evaluate.get_feature_extractor(config)
-  train = input_pipeline.load_split_array(config.data, "train")
-  test = input_pipeline.load_split_array(config.data, "test")
+  extractor = features.get_feature_extractor(config)
+  train = sources.load_split_array(config.data, "train")
+  test = sources.load_split_array(config.data, "test")
   mu, sigma = metrics.feature_statistics(extractor(train)[0])
   rng = np.random.default_rng(0)
   flat = train.reshape(len(train), -1).astype(np.float64)
@@ -38,16 +39,27 @@ def main():
   sets = {
       "real_heldout": test,
       "uniform_noise": rng.integers(0, 256, (args.num,) + train.shape[1:], dtype=np.uint8),
-      "gaussian_fit": np.clip(np.round(gauss), 0, 255).astype(np.uint8).reshape((-1,) + train.shape[1:]),
+      "gaussian_fit": np.clip(np.round(gauss), 0, 255)
+      .astype(np.uint8)
+      .reshape((-1,) + train.shape[1:]),
   }
   if args.samples:
-    sets["model_samples"] = np.load(args.samples)["images"][:args.num]
+    sets["model_samples"] = np.load(args.samples)["images"][: args.num]
   for name, images in sets.items():
     feats, probs = extractor(images)
     m, s = metrics.feature_statistics(feats)
     is_mean, is_std = metrics.inception_score(probs, num_splits=10)
-    print(json.dumps(dict(set=name, num=len(images), fid_train=round(metrics.frechet_distance(m, s, mu, sigma), 3),
-                          is_mean=round(is_mean, 3), is_std=round(is_std, 3))))
+    print(
+        json.dumps(
+            dict(
+                set=name,
+                num=len(images),
+                fid_train=round(metrics.frechet_distance(m, s, mu, sigma), 3),
+                is_mean=round(is_mean, 3),
+                is_std=round(is_std, 3),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,23 +1,26 @@
-"""Dropout masks: ``ddpm_jax.models.dropout.keep_mask`` against vmapped ``jax.random.bernoulli``.
+"""Dropout masks: ``ddpm_jax.cpu.dropout.keep_mask`` against vmapped ``jax.random.bernoulli``.
 
   python benchmarks/dropout_mask.py [--shapes=16x32x32x32,4x32x32x128] [--reps=7]
   python benchmarks/dropout_mask.py --config=configs/cifar10.py [--config.field=...]
 
-Three ways to the same bits: ``ours`` (``keep_mask`` as the U-Net calls it:
-on CPU the mask is computed once and stored), ``fused`` (``stored=False``: the
-written-out hash, which XLA fuses into, and so recomputes in, each use) and
-``jax``. With ``--shapes``, each shape is timed on one device as the U-Net uses
-a mask, ``where(mask, h / 0.9, 0)``, forward and forward + backward, the
-variants alternating; one JSON line per shape with the medians and the ratios
+Three ways to the same bits: ``ours`` (``keep_mask`` as the U-Net with
+``model.cpu_kernels`` calls it: the mask is computed once and stored),
+``fused`` (``stored=False``: the written-out hash, which XLA fuses into, and so
+recomputes in, each use) and ``jax`` (what the plain U-Net does). With
+``--shapes``, each shape is timed on one device as the U-Net uses a mask,
+``where(mask, h / 0.9, 0)``, forward and forward + backward, the variants
+alternating; one JSON line per shape with the medians and the ratios
 (``ratio_fused_*``, ``ratio_jax_*``: that variant's time / ours). Default
 shapes: the largest dropout inputs of the 1.1M-parameter U-Net at 16 images per
 device (batch 32 on 2 devices) and of the CIFAR-10 U-Net at 4. Run it under
 ``taskset -c 0`` to see one core, as each device gets when the batch is split
 over all cores.
 
-With ``--config``, the whole train step is compiled once per variant in one
-process (on every core, as training runs), and the programs alternate; one
-JSON line with the medians and the ratios.
+With ``--config``, the whole train step with ``model.cpu_kernels=True`` is
+compiled once per variant in one process (on every core, as training runs),
+``cpu.dropout.keep_mask`` being replaced by the variant while the step is
+traced, and the programs alternate; one JSON line with the medians and the
+ratios. The config needs ``model.dropout > 0``.
 """
 
 import json
@@ -32,10 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config: time the train step.",
-                                lock_config=True)
-flags.DEFINE_string("shapes", "16x32x32x32,16x16x16x64,4x32x32x128,4x16x16x256",
-                    "Comma-separated BxHxWxC activation shapes (without --config).")
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config: time the train step.", lock_config=True
+)
+flags.DEFINE_string(
+    "shapes",
+    "16x32x32x32,16x16x16x64,4x32x32x128,4x16x16x256",
+    "Comma-separated BxHxWxC activation shapes (without --config).",
+)
 flags.DEFINE_integer("reps", 7, "Alternating timed repetitions.")
 flags.DEFINE_integer("calls", 10, "Calls per timed repetition (--config: 3 is plenty).")
 
@@ -44,16 +51,20 @@ RATE = 0.1
 
 def _jax_masks(keys, keep_prob, shape):
   import jax  # pylint: disable=g-import-not-at-top
+
   return jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, tuple(shape)))(keys)
 
 
 def _variants():
   """name -> mask function: ours as used (stored on CPU), ours fused into each use, JAX's."""
   import functools  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.models import dropout  # pylint: disable=g-import-not-at-top
-  return {"ours": dropout.keep_mask,
-          "fused": functools.partial(dropout.keep_mask, stored=False),
-          "jax": _jax_masks}
+  from ddpm_jax.cpu import dropout  # pylint: disable=g-import-not-at-top
+
+  return {
+      "ours": dropout.keep_mask,
+      "fused": functools.partial(dropout.keep_mask, stored=False),
+      "jax": _jax_masks,
+  }
 
 
 def _ratios(out, kinds):
@@ -63,17 +74,17 @@ def _ratios(out, kinds):
 
 
 def _train_step(config):
-  from ddpm_jax.models import dropout  # pylint: disable=g-import-not-at-top
-  ours = dropout.keep_mask
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.cpu import dropout  # pylint: disable=g-import-not-at-top
+
+  if not config.model.dropout:
+    raise app.UsageError("--config: model.dropout is 0, the train step draws no masks")
   progs = {}
-  try:
-    for name, masks in _variants().items():
-      dropout.keep_mask = masks  # read when the step is traced below
+  for name, masks in _variants().items():
+    with mock.patch.object(dropout, "keep_mask", masks):  # read when the step is traced
       call = bench_setup.compiled_train_step(config)
-      call()  # one untimed call each
-      progs[name] = {"step": call}
-  finally:
-    dropout.keep_mask = ours
+    call()  # one untimed call each
+    progs[name] = {"step": call}
   out = bench_setup.median_ms_alternating(progs, (), FLAGS.reps, FLAGS.calls)
   _ratios(out, ["step"])
   print(json.dumps(dict(case="train_step", **out)), flush=True)
@@ -91,14 +102,17 @@ def _shapes():
     keys = jax.random.split(jax.random.key(0), shape[0])
     progs = {}
     for name, mask in masks.items():
+
       def apply(h, keys, mask=mask):
         return jnp.where(mask(keys, 1.0 - RATE, h.shape[1:]), h / (1.0 - RATE), 0.0)
+
       fwd = jax.jit(apply)
       grad = jax.jit(jax.grad(lambda h, keys, apply=apply: jnp.sum(apply(h, keys) * h)))
       progs[name] = {"fwd": fwd.lower(h, keys).compile(), "fwd_bwd": grad.lower(h, keys).compile()}
     for name in masks:
-      np.testing.assert_array_equal(np.asarray(progs["jax"]["fwd"](h, keys)),
-                                    np.asarray(progs[name]["fwd"](h, keys)))
+      np.testing.assert_array_equal(
+          np.asarray(progs["jax"]["fwd"](h, keys)), np.asarray(progs[name]["fwd"](h, keys))
+      )
     out = bench_setup.median_ms_alternating(progs, (h, keys), FLAGS.reps, FLAGS.calls)
     _ratios(out, ["fwd", "fwd_bwd"])
     print(json.dumps(dict(shape=spec, **out)), flush=True)
@@ -107,8 +121,9 @@ def _shapes():
 def main(argv):
   del argv
   if FLAGS.config is not None:
-    bench_setup.use_all_cores()
-    _train_step(FLAGS.config)
+    config = bench_setup.with_cpu_kernels(FLAGS.config)
+    bench_setup.setup(config)
+    _train_step(config)
   else:
     bench_setup.use_all_cores(1)
     _shapes()

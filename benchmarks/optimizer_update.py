@@ -6,8 +6,9 @@ The train step applies Adam, the EMA and the non-finite guard to every leaf of
 the state, with the state donated. Two ways of writing the guard:
 
 * ``select``: compute the new state, then ``where(finite, new, old)`` for every
-  leaf (what train.py did before);
-* ``cond``: ``lax.cond(finite, update, identity)`` (``train.apply_update_if``).
+  leaf (what the train step did before);
+* ``cond``: ``lax.cond(finite, update, identity)``
+  (``ddpm_jax.training.step.apply_update_if``).
 
 Both run as pmap-ed programs over all local devices, with a fixed gradient tree
 that is averaged over the devices first, as in the train step; ``grads_only``
@@ -37,20 +38,21 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  bench_setup.use_all_cores(FLAGS.cpu_devices)
+  config = FLAGS.config
+  bench_setup.setup(config, FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import step  # pylint: disable=g-import-not-at-top
 
-  config = FLAGS.config
-  tx = train.create_optimizer(config.optim)
-  state = train.create_train_state(config, train.build_model(config), tx)
+  tx = state_lib.create_optimizer(config.optim)
+  state = state_lib.create_train_state(config, state_lib.build_model(config), tx)
   decay = config.optim.ema_decay
-  grads = train.replicate(jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params))
+  grads = state_lib.replicate(jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params))
 
   def averaged(g):
-    g = jax.lax.pmean(g, train.AXIS)
+    g = jax.lax.pmean(g, state_lib.AXIS)
     return g, jnp.isfinite(optax.global_norm(g))
 
   def select(s, g):
@@ -59,12 +61,16 @@ def main(argv):
     params = optax.apply_updates(s.params, updates)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, s.ema_params, params)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    return s.replace(step=s.step + 1, params=keep(params, s.params),
-                     ema_params=keep(ema, s.ema_params), opt_state=keep(opt_state, s.opt_state))
+    return s.replace(
+        step=s.step + 1,
+        params=keep(params, s.params),
+        ema_params=keep(ema, s.ema_params),
+        opt_state=keep(opt_state, s.opt_state),
+    )
 
   def cond(s, g):
     g, finite = averaged(g)
-    return train.apply_update_if(finite, s, g, tx, decay).replace(step=s.step + 1)
+    return step.apply_update_if(finite, s, g, tx, decay).replace(step=s.step + 1)
 
   def grads_only(s, g):
     _, finite = averaged(g)
@@ -73,25 +79,38 @@ def main(argv):
   variants = {"select": select, "cond": cond, "grads_only": grads_only}
   progs, states, copies = {}, {}, {}
   for name, fn in variants.items():
-    progs[name] = jax.pmap(fn, axis_name=train.AXIS, donate_argnums=(0,))
-    states[name] = train.replicate(state)
+    progs[name] = jax.pmap(fn, axis_name=state_lib.AXIS, donate_argnums=(0,))
+    states[name] = state_lib.replicate(state)
     copies[name] = progs[name].lower(states[name], grads).compile().as_text().count(" copy(")
     for _ in range(2):
       states[name] = progs[name](states[name], grads)
     jax.block_until_ready(states[name])
+
   def call(name):
     states[name] = progs[name](states[name], grads)
     return states[name]
+
   medians = bench_setup.median_ms_alternating(
-      {name: {"call": lambda name=name: call(name)} for name in variants}, (),
-      FLAGS.reps, FLAGS.calls)
+      {name: {"call": lambda name=name: call(name)} for name in variants},
+      (),
+      FLAGS.reps,
+      FLAGS.calls,
+  )
   ms = {name: round(medians[f"{name}_call_ms"], 2) for name in variants}
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   for name in variants:
     print(f"{name:>10}: {ms[name]:8.1f} ms per call, {copies[name]:5d} copies", file=sys.stderr)
-  print(json.dumps(dict(params=n_params, devices=jax.local_device_count(),
-                        ms=ms, copies=copies,
-                        select_over_cond=round(ms["select"] / ms["cond"], 3))))
+  print(
+      json.dumps(
+          dict(
+              params=n_params,
+              devices=jax.local_device_count(),
+              ms=ms,
+              copies=copies,
+              select_over_cond=round(ms["select"] / ms["cond"], 3),
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Runs the real pmap-ed program a few times under ``jax.profiler``, reads the
 trace, and adds up the time of every executed HLO operation (thunk) by kind:
-convolutions split into forward / input-gradient (3x3 or 1x1 windows) and
+convolutions split into forward / input-gradient (3x3, 2x2 or 1x1 windows) and
 weight-gradient (any other window: the whole image), dots, other YNNPACK
 fusions (reductions), all-reduce, copies, and XLA's own fusions by the name
 XLA gives them. Prints a table on stderr and one JSON line on stdout. Times
@@ -36,12 +36,30 @@ flags.DEFINE_enum("what", "train", ["train", "forward"], "The train step or one 
 flags.DEFINE_integer("calls", 2, "Profiled calls (after two untimed ones).")
 flags.DEFINE_integer("top", 15, "Rows of the table.")
 flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
-flags.DEFINE_integer("ops", 0, "Also list this many single operations, slowest first, with their HLO.")
+flags.DEFINE_integer(
+    "ops", 0, "Also list this many single operations, slowest first, with their HLO."
+)
 flags.mark_flags_as_required(["config"])
 
-_HOST_EVENTS = ("ThunkExecutor", "Pjit", "$", "Common", "Wait", "Rendezvous", "[", "end:",
-                "Handle", "Allocate", "SlinkyThreadPool", "cpp_pjit", "shard_args", "ThreadpoolListener",
-                "PythonRefManager", "InvokeRendezvous", "ParseArguments")
+_HOST_EVENTS = (
+    "ThunkExecutor",
+    "Pjit",
+    "$",
+    "Common",
+    "Wait",
+    "Rendezvous",
+    "[",
+    "end:",
+    "Handle",
+    "Allocate",
+    "SlinkyThreadPool",
+    "cpp_pjit",
+    "shard_args",
+    "ThreadpoolListener",
+    "PythonRefManager",
+    "InvokeRendezvous",
+    "ParseArguments",
+)
 
 
 def kind_of(name: str, hlo: str) -> str:
@@ -58,7 +76,7 @@ def kind_of(name: str, hlo: str) -> str:
   if " convolution(" in body:
     window = re.search(r"window=\{size=(\w+)", body)
     size = window.group(1) if window else "?"
-    if size in ("3x3", "1x1"):
+    if size in ("3x3", "2x2", "1x1"):  # 2x2: the CPU kernels' two-phase upsample conv
       return f"convolution forward / input-gradient ({size})"
     return "convolution weight-gradient"
   if " dot(" in body:
@@ -70,7 +88,7 @@ def kind_of(name: str, hlo: str) -> str:
 
 def main(argv):
   del argv
-  bench_setup.use_all_cores(FLAGS.cpu_devices)
+  bench_setup.setup(FLAGS.config, FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
@@ -83,6 +101,7 @@ def main(argv):
     def call():
       args[0], metrics = compiled(*args)
       return metrics
+
   else:
     compiled, args = bench_setup.compiled_forward(config)
 
@@ -111,19 +130,29 @@ def main(argv):
   totals = collections.defaultdict(float)
   for name, ms in per_op.items():
     totals[kind_of(name, hlo)] += ms
-  for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[:FLAGS.ops]:
+  for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[: FLAGS.ops]:
     m = re.search(r"\n\s*(?:ROOT )?%?" + re.escape(name) + r" = ([^\n]*)", hlo)
     print(f"{ms:8.2f} ms  {name}  {m.group(1)[:300] if m else ''}", file=sys.stderr)
   total = sum(totals.values())
   rows = sorted(totals.items(), key=lambda kv: -kv[1])
   print(f"{'ms/call/device':>14} {'share':>6}  kind", file=sys.stderr)
-  for kind, ms in rows[:FLAGS.top]:
+  for kind, ms in rows[: FLAGS.top]:
     print(f"{ms:14.1f} {100 * ms / total:5.1f}%  {kind}", file=sys.stderr)
-  print(f"{total:14.1f} 100.0%  all operations (wall time of a call: {wall * 1e3:.1f} ms)",
-        file=sys.stderr)
-  print(json.dumps(dict(what=FLAGS.what, devices=d, wall_ms=round(wall * 1e3, 2),
-                        ops_ms_per_device=round(total, 2),
-                        by_kind={k: round(v, 2) for k, v in rows})))
+  print(
+      f"{total:14.1f} 100.0%  all operations (wall time of a call: {wall * 1e3:.1f} ms)",
+      file=sys.stderr,
+  )
+  print(
+      json.dumps(
+          dict(
+              what=FLAGS.what,
+              devices=d,
+              wall_ms=round(wall * 1e3, 2),
+              ops_ms_per_device=round(total, 2),
+              by_kind={k: round(v, 2) for k, v in rows},
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

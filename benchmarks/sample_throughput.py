@@ -6,7 +6,9 @@
 Each entry is SAMPLER:STEPS (0 = all T steps). Parameters are random (a
 throughput measurement needs no trained weights). The whole reverse process
 is one lax.scan, so compile time should not grow with the number of steps:
-compare compile_s of ancestral:0 (T steps) with ancestral:10.
+compare compile_s of ancestral:0 (T steps) with ancestral:10. The process is
+set up as main.py does (see train_throughput.py); each line also reports the
+page faults per sampler step and the C allocator (``malloc``).
 """
 
 import json
@@ -23,8 +25,11 @@ import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
-flags.DEFINE_string("samplers", "ancestral:0,ddim:50,ancestral:10",
-                    "Comma-separated SAMPLER:STEPS (0 = all T steps).")
+flags.DEFINE_string(
+    "samplers",
+    "ancestral:0,ddim:50,ancestral:10",
+    "Comma-separated SAMPLER:STEPS (0 = all T steps).",
+)
 flags.DEFINE_integer("reps", 1, "Timed calls per sampler (after the compiling call).")
 flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
 flags.mark_flags_as_required(["config"])
@@ -32,13 +37,15 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  bench_setup.use_all_cores(FLAGS.cpu_devices)
+  config = FLAGS.config
+  bench_setup.setup(config, FLAGS.cpu_devices)
+  import resource  # pylint: disable=g-import-not-at-top
   import statistics  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import generate, host_malloc, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sample  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 
-  config = FLAGS.config
   d = jax.local_device_count()
   per_call = config.sampling.batch_size
   model, p_params = bench_setup.model_and_random_params(config)
@@ -46,25 +53,44 @@ def main(argv):
     name, steps = spec.split(":")
     config.sampling.sampler = name
     config.sampling.num_steps = int(steps)
-    diffusion = train.build_sampling_diffusion(config)
-    p_sample = generate.make_p_sample(model, diffusion, config, per_call // d)
+    diffusion = state_lib.build_sampling_diffusion(config)
+    p_sample = sample.make_p_sample(model, diffusion, config, per_call // d)
     keys = jnp.broadcast_to(jax.random.PRNGKey(0), (d, 2))
     t = time.perf_counter()
     compiled = p_sample.compile(p_params, keys)
     compile_s = time.perf_counter() - t
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(FLAGS.reps):
       t = time.perf_counter()
       jax.block_until_ready(compiled(p_params, keys))
       times.append(time.perf_counter() - t)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     run_s = statistics.median(times)
-    print(json.dumps(dict(
-        framework="jax", platform=jax.devices()[0].platform, devices=d, sampler=name,
-        steps=diffusion.num_timesteps, images=per_call, image_size=config.data.image_size,
-        dtype=config.model.dtype, compile_options=p_sample.options, compile_s=round(compile_s, 2),
-        sample_s=round(run_s, 3),
-        step_s=round(run_s / diffusion.num_timesteps, 5),
-        images_per_s=round(per_call / run_s, 4), malloc=host_malloc.describe(), all_s=[round(x, 3) for x in times])), flush=True)
+    print(
+        json.dumps(
+            dict(
+                framework="jax",
+                platform=jax.devices()[0].platform,
+                devices=d,
+                sampler=name,
+                steps=diffusion.num_timesteps,
+                images=per_call,
+                image_size=config.data.image_size,
+                dtype=config.model.dtype,
+                cpu_kernels=model.cpu_kernels,
+                compile_options=p_sample.options,
+                compile_s=round(compile_s, 2),
+                sample_s=round(run_s, 3),
+                step_s=round(run_s / diffusion.num_timesteps, 5),
+                images_per_s=round(per_call / run_s, 4),
+                page_faults_per_step=round(faults / FLAGS.reps / diffusion.num_timesteps),
+                **bench_setup.malloc_info(),
+                all_s=[round(x, 3) for x in times],
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

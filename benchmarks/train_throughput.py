@@ -6,10 +6,10 @@
 Reports compile time, the median steady-state step time, images/s, the FLOPs of
 one step from XLA's cost analysis, achieved FLOP/s and the fraction of a peak
 (given with --peak_tflops, or measured with a float32 matmul when 0), and peak
-host / device memory, the page faults per step and the C allocator in use. On a
-CPU host the batch is split over one device per core and the allocator is
-chosen as main.py does (--cpu_devices to change the one; DDPM_JAX_MALLOC=system
-in the environment keeps the system allocator).
+host / device memory, the page faults per step and the C allocator (``malloc``:
+'system', 'glibc_thp', 'jemalloc', ...; ``host_malloc.py`` compares them). The
+process is set up as main.py does (``ddpm_jax.host.setup``): on a CPU host the
+batch is split over one device per core (--cpu_devices to change that).
 """
 
 import json
@@ -45,21 +45,22 @@ def measure_matmul_peak(jax, jnp, n=2048, reps=10):
   for _ in range(reps):
     y = f(x)
   y.block_until_ready()
-  return 2 * n ** 3 * d * reps / (time.perf_counter() - t)
+  return 2 * n**3 * d * reps / (time.perf_counter() - t)
 
 
 def main(argv):
   del argv
-  bench_setup.use_all_cores(FLAGS.cpu_devices)
+  config = FLAGS.config
+  bench_setup.setup(config, FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import host_malloc, train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
-  config = FLAGS.config
   d = jax.local_device_count()
   n = config.training.steps_per_call
-  loop = train.multi_step_loop(config)
+  loop = step_lib.multi_step_loop(config)
   p_step, state, batch = bench_setup.train_step_and_inputs(config)
 
   t0 = time.perf_counter()
@@ -73,7 +74,7 @@ def main(argv):
 
   for _ in range(FLAGS.warmup):
     state, metrics = p_step(state, batch)
-  jax.block_until_ready(metrics)
+  jax.block_until_ready(state)
   times = []
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(FLAGS.steps):
@@ -89,23 +90,39 @@ def main(argv):
   stats = jax.local_devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     device_peak = int(stats["peak_bytes_in_use"])
-  print(json.dumps(dict(
-      framework="jax", jax_version=jax.__version__, platform=jax.devices()[0].platform,
-      devices=d, batch=config.training.batch_size, image_size=config.data.image_size,
-      dtype=config.model.dtype, steps_per_call=n, multi_step_loop=loop,
-      grad_all_reduce=train.grad_all_reduce(config),
-      grad_accum_steps=config.training.grad_accum_steps,
-      remat=config.model.remat,
-      params=int(sum(x.size for x in jax.tree.leaves(train.unreplicate(state.params)))),
-      compile_s=round(compile_s, 2), median_step_s=round(step_s, 5),
-      images_per_s=round(config.training.batch_size / step_s, 2),
-      gflop_per_step=round(flops_per_call / n / 1e9, 2),
-      achieved_tflops=round(achieved / 1e12, 4), peak_tflops=round(peak / 1e12, 4),
-      fraction_of_peak=round(achieved / peak, 4),
-      peak_host_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      peak_device_bytes=device_peak, page_faults_per_step=round(faults),
-      malloc=host_malloc.describe(), all_step_s=[round(x, 5) for x in times],
-      loss=float(np.asarray(metrics["loss"])[0, -1]))))
+  print(
+      json.dumps(
+          dict(
+              framework="jax",
+              jax_version=jax.__version__,
+              platform=jax.devices()[0].platform,
+              devices=d,
+              batch=config.training.batch_size,
+              image_size=config.data.image_size,
+              dtype=config.model.dtype,
+              steps_per_call=n,
+              cpu_kernels=state_lib.cpu_kernels_active(config),
+              multi_step_loop=loop,
+              grad_all_reduce=step_lib.grad_all_reduce(config),
+              grad_accum_steps=config.training.grad_accum_steps,
+              remat=config.model.remat,
+              params=int(sum(x.size for x in jax.tree.leaves(state_lib.unreplicate(state.params)))),
+              compile_s=round(compile_s, 2),
+              median_step_s=round(step_s, 5),
+              images_per_s=round(config.training.batch_size / step_s, 2),
+              gflop_per_step=round(flops_per_call / n / 1e9, 2),
+              achieved_tflops=round(achieved / 1e12, 4),
+              peak_tflops=round(peak / 1e12, 4),
+              fraction_of_peak=round(achieved / peak, 4),
+              peak_host_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              peak_device_bytes=device_peak,
+              page_faults_per_step=round(faults),
+              **bench_setup.malloc_info(),
+              all_step_s=[round(x, 5) for x in times],
+              loss=float(np.asarray(metrics["loss"])[0, -1]),
+          )
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,13 @@
       --config.training.batch_size=8 [--reps=3] [--calls=2]
   python benchmarks/winograd_kernel_transform.py --kernels=128x128,512x256
 
-``models/winograd.py`` transforms every 3x3 kernel [3, 3, Cin, Cout] into its
+``ddpm_jax/cpu/winograd.py`` transforms every 3x3 kernel [3, 3, Cin, Cout] into its
 36 components [36, Cin, Cout] (and back, for the gradient) with one matrix
 product by ``winograd.KERNEL_MATRIX``. The formulation it replaced, kept here
 as the baseline, applied G along one kernel axis and then the other, as
 separable sums of the kernel's rows, writing a [6, 3, Cin, Cout] intermediate.
-With --config, the real train step is compiled with each formulation patched
+With --config, the real train step with ``model.cpu_kernels=True`` (which uses
+Winograd from 64 channels at 16x16) is compiled with each formulation patched
 into ``winograd`` (read at trace time) and the two programs are called in turns
 in one process. With --kernels (``CinxCout``), the forward transform and its
 transpose alone, on every device at once. Prints milliseconds per call (medians)
@@ -38,7 +39,8 @@ flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
 def _separable():
   """(transform, transpose) as two passes of sums over kernel rows, then columns."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.models import winograd  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.cpu import winograd  # pylint: disable=g-import-not-at-top
+
   combine = winograd._combine  # pylint: disable=protected-access  # the tiles' separable sums
 
   def transform(kernel):
@@ -48,28 +50,45 @@ def _separable():
 
   def transpose(du):
     du = du.reshape((6, 6) + du.shape[1:])
-    cols = combine(winograd.G.T, [du[j] for j in range(6)])             # 3 (s) x [6 (i), Cin, Cout]
-    return jnp.stack([jnp.stack(combine(winograd.G.T, [c[i] for i in range(6)])) for c in cols],
-                     axis=1)                                              # [3 (r), 3 (s), Cin, Cout]
+    cols = combine(winograd.G.T, [du[j] for j in range(6)])  # 3 (s) x [6 (i), Cin, Cout]
+    return jnp.stack(
+        [jnp.stack(combine(winograd.G.T, [c[i] for i in range(6)])) for c in cols], axis=1
+    )  # [3 (r), 3 (s), Cin, Cout]
+
   return transform, transpose
 
 
 def main(argv):
   del argv
-  bench_setup.use_all_cores(FLAGS.cpu_devices)
+  config = None
+  if FLAGS.config is not None:
+    config = bench_setup.with_cpu_kernels(FLAGS.config)
+    bench_setup.setup(config, FLAGS.cpu_devices)
+  else:
+    bench_setup.use_all_cores(FLAGS.cpu_devices)
+  from unittest import mock  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.models import winograd  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.cpu import winograd  # pylint: disable=g-import-not-at-top
 
-  ways = {"separable": _separable(),
-          "matrix": (winograd.kernel_transform, winograd.kernel_transform_transpose)}
+  ways = {
+      "separable": _separable(),
+      "matrix": (winograd.kernel_transform, winograd.kernel_transform_transpose),
+  }
   cases = {}
-  if FLAGS.config is not None:
+  if config is not None:
+    if config.data.image_size < winograd.MIN_SIDE:
+      print(
+          f"note: {config.data.image_size}x{config.data.image_size} images: no conv uses "
+          "Winograd, the two programs are the same",
+          file=sys.stderr,
+      )
     progs = {}
     for name, (transform, transpose) in ways.items():
-      winograd.kernel_transform, winograd.kernel_transform_transpose = transform, transpose
-      progs[name] = bench_setup.compiled_train_step(FLAGS.config)
-    winograd.kernel_transform, winograd.kernel_transform_transpose = ways["matrix"]
+      with mock.patch.multiple(
+          winograd, kernel_transform=transform, kernel_transform_transpose=transpose
+      ):
+        progs[name] = bench_setup.compiled_train_step(config)
     cases["train step"] = progs
   for text in FLAGS.kernels:
     c_in, c_out = (int(v) for v in text.split("x"))
@@ -88,8 +107,9 @@ def main(argv):
     raise app.UsageError("give --config or --kernels")
   results = {}
   for case, progs in cases.items():
-    ms = bench_setup.time_against_baselines(progs, lambda n: n.replace("matrix", "separable"),
-                                            FLAGS.reps, FLAGS.calls, case)
+    ms = bench_setup.time_against_baselines(
+        progs, lambda n: n.replace("matrix", "separable"), FLAGS.reps, FLAGS.calls, case
+    )
     results[case] = {n: round(v, 3) for n, v in ms.items()}
   print(json.dumps(results))
 

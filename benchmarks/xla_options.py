@@ -7,7 +7,8 @@ Each named set is a dict of compiler options for ``Lowered.compile``; a set
 that this jaxlib rejects is reported and skipped. Prints the median ms per
 step of every set and its ratio to the defaults (default time / set time, so
 above 1 is faster) as one JSON line. This is how the train step's defaults
-and the samplers' options (``ddpm_jax/compile_options.py``) were chosen.
+and the samplers' options with the CPU kernels
+(``ddpm_jax/cpu/compile_options.py``) were chosen.
 """
 
 import json
@@ -23,8 +24,11 @@ import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
-flags.DEFINE_list("sets", ["default", "no_ynn_reduce", "ynn_eltwise", "vector_width_512", "onednn"],
-                  "Option sets to compare (names in SETS).")
+flags.DEFINE_list(
+    "sets",
+    ["default", "no_ynn_reduce", "ynn_eltwise", "vector_width_512", "onednn"],
+    "Option sets to compare (names in SETS).",
+)
 flags.DEFINE_integer("reps", 5, "Timed rounds; each program runs --calls times per round.")
 flags.DEFINE_integer("calls", 3, "Calls per program per round.")
 flags.DEFINE_integer("cpu_devices", 0, "CPU host devices (0: one per core).")
@@ -45,8 +49,9 @@ SETS = {
 
 def main(argv):
   del argv
-  bench_setup.use_all_cores(FLAGS.cpu_devices)
+  bench_setup.setup(FLAGS.config, FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
+
   progs, rejected = {}, {}
   for name in FLAGS.sets:
     try:

@@ -16,7 +16,14 @@ def pin(config):
   """Sets the released models' architecture and process on ``config``; returns it."""
   # The network the weights belong to (113,673,219 parameters).
   config.model.ch = 128  # block_out_channels[0]
-  config.model.ch_mult = (1, 1, 2, 2, 4, 4)  # block_out_channels (128, 128, 256, 256, 512, 512) / 128
+  config.model.ch_mult = (
+      1,
+      1,
+      2,
+      2,
+      4,
+      4,
+  )  # block_out_channels (128, 128, 256, 256, 512, 512) / 128
   config.model.num_res_blocks = 2  # layers_per_block
   config.model.attn_resolutions = (16,)  # AttnDownBlock2D at level 4 of 256x256
   config.model.resamp_with_conv = True  # downsample/upsample with convs
@@ -28,6 +35,7 @@ def pin(config):
   config.diffusion.beta_start = 1e-4
   config.diffusion.beta_end = 0.02
   config.diffusion.model_mean_type = "eps"
-  config.diffusion.model_var_type = "fixedsmall"  # the paper's 256x256 sampler: posterior variance (see above)
+  # the paper's 256x256 sampler: posterior variance (see above)
+  config.diffusion.model_var_type = "fixedsmall"
   config.sampling.clip_denoised = True  # the paper's sampler clips x0_hat to [-1, 1]
   return config

@@ -1,4 +1,8 @@
-"""Start-up checks of a config: every problem is one line naming the field."""
+"""The one start-up check of a config: every problem is one line naming the field.
+
+Every field any code reads is defined (and commented) in ``configs/default.py``;
+a config with a field that is not there, or without one that is, is refused.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,12 @@ import os
 
 import ml_collections
 
-from ddpm_jax import host_malloc, schedules
-from ddpm_jax.diffusion import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
-from ddpm_jax.input_pipeline import DATASETS, IMAGE_EXTENSIONS
+from ddpm_jax import errors
+from ddpm_jax.data.sources import DATASETS, IMAGE_EXTENSIONS
+from ddpm_jax.diffusion import schedules
+from ddpm_jax.diffusion.gaussian import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 
-MODES = ("train", "sample", "eval_bpd", "eval_fid", "figures")
-
-
-class ConfigError(ValueError):
-  """An invalid config value; the message names the field and what is allowed."""
+ConfigError = errors.ConfigError
 
 
 def _require(cond: bool, field: str, value, allowed: str) -> None:
@@ -25,8 +26,12 @@ def _require(cond: bool, field: str, value, allowed: str) -> None:
 def _int(config, field: str, minimum: int = 0) -> None:
   section, name = field.split(".")
   v = config[section][name]
-  _require(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, field, v,
-           f"must be an integer >= {minimum}")
+  _require(
+      isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+      field,
+      v,
+      f"must be an integer >= {minimum}",
+  )
 
 
 def _number(config, field: str, low: float, high: float, closed_low=True, closed_high=True):
@@ -53,17 +58,39 @@ def _has_image_file(folder: str) -> bool:
   return False
 
 
-def validate_host(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for an invalid ``host`` section (checked before JAX starts)."""
-  _choice(config, "host.malloc", host_malloc.CHOICES)
-  if config.host.malloc == "jemalloc":
-    _require(host_malloc.find_jemalloc() is not None, "host.malloc", "jemalloc",
-             "libjemalloc.so.2 was not found (Debian/Ubuntu: apt install libjemalloc2); "
-             "'auto' falls back to glibc")
+def _bool(config, field: str) -> None:
+  section, name = field.split(".")
+  v = config[section][name]
+  _require(isinstance(v, bool), field, v, "must be True or False")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
-             num_local_devices: int | None = None) -> None:
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> set:
+  out = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out |= _leaves(value, f"{prefix}{key}.")
+    else:
+      out.add(prefix + key)
+  return out
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless the config has exactly the fields of ``configs/default.py``."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  want, have = _leaves(default.get_config()), _leaves(config)
+  for field in sorted(have - want):
+    raise ConfigError(f"config.{field} is not a known field (configs/default.py lists them all)")
+  for field in sorted(want - have):
+    raise ConfigError(
+        f"config.{field} is missing (configs/default.py lists every field; "
+        "start the config from default.get_config())"
+    )
+
+
+def validate(
+    config: ml_collections.ConfigDict, num_devices: int = 1, num_local_devices: int | None = None
+) -> None:
   """Raises ConfigError on the first invalid field.
 
   Args:
@@ -72,62 +99,116 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
     num_local_devices: devices of this process (the sampling batch is split over them).
   """
   num_local_devices = num_local_devices or num_devices
-  validate_host(config)
+  check_fields(config)
   # data
   _choice(config, "data.dataset", DATASETS)
   _int(config, "data.image_size", 1)
   _choice(config, "data.channels", (1, 3))
   if config.data.dataset == "digits":
-    _require(config.data.channels == 1, "data.channels", config.data.channels, "digits are grayscale: 1")
+    _require(
+        config.data.channels == 1, "data.channels", config.data.channels, "digits are grayscale: 1"
+    )
   elif config.data.dataset != "folder":
-    _require(config.data.channels == 3, "data.channels", config.data.channels,
-             f"{config.data.dataset} is RGB: 3")
+    _require(
+        config.data.channels == 3,
+        "data.channels",
+        config.data.channels,
+        f"{config.data.dataset} is RGB: 3",
+    )
   if config.data.dataset == "folder":
-    _require(bool(config.data.folder) and os.path.isdir(config.data.folder), "data.folder",
-             config.data.folder, "must name an existing directory of images for dataset='folder'")
-    _require(_has_image_file(config.data.folder), "data.folder", config.data.folder,
-             f"holds no image file ({', '.join(IMAGE_EXTENSIONS)}) in it or its subdirectories")
+    _require(
+        bool(config.data.folder) and os.path.isdir(config.data.folder),
+        "data.folder",
+        config.data.folder,
+        "must name an existing directory of images for dataset='folder'",
+    )
+    _require(
+        _has_image_file(config.data.folder),
+        "data.folder",
+        config.data.folder,
+        f"holds no image file ({', '.join(IMAGE_EXTENSIONS)}) in it or its subdirectories",
+    )
   _int(config, "data.shuffle_seed", 0)
+  _int(config, "data.shuffle_buffer_size", 1)
+  _bool(config, "data.random_flip")
+  _bool(config, "data.in_memory")
+  _require(
+      config.data.in_memory or config.data.dataset not in ("digits", "folder"),
+      "data.in_memory",
+      False,
+      f"streaming needs a TFDS data set, not data.dataset=" f"{config.data.dataset!r}",
+  )
 
   # model
   m = config.model
   _int(config, "model.ch", 1)
   _require(m.ch % 32 == 0, "model.ch", m.ch, "must be a multiple of 32 (GroupNorm uses 32 groups)")
-  _require(isinstance(m.ch_mult, (tuple, list)) and len(m.ch_mult) >= 1
-           and all(isinstance(c, int) and c >= 1 for c in m.ch_mult), "model.ch_mult", m.ch_mult,
-           "must be a non-empty tuple of positive integers")
+  _require(
+      isinstance(m.ch_mult, (tuple, list))
+      and len(m.ch_mult) >= 1
+      and all(isinstance(c, int) and c >= 1 for c in m.ch_mult),
+      "model.ch_mult",
+      m.ch_mult,
+      "must be a non-empty tuple of positive integers",
+  )
   _int(config, "model.num_res_blocks", 1)
   factor = 2 ** (len(m.ch_mult) - 1)
-  _require(config.data.image_size % factor == 0, "data.image_size", config.data.image_size,
-           f"must be divisible by 2**(len(model.ch_mult)-1) = {factor} (model.ch_mult={tuple(m.ch_mult)})")
-  resolutions = {config.data.image_size // 2 ** i for i in range(len(m.ch_mult))}
-  _require(isinstance(m.attn_resolutions, (tuple, list))
-           and all(r in resolutions for r in m.attn_resolutions), "model.attn_resolutions",
-           m.attn_resolutions, f"each must be one of the U-Net's resolutions {sorted(resolutions)}")
+  _require(
+      config.data.image_size % factor == 0,
+      "data.image_size",
+      config.data.image_size,
+      f"must be divisible by 2**(len(model.ch_mult)-1) = {factor} (model.ch_mult={tuple(m.ch_mult)})",
+  )
+  resolutions = {config.data.image_size // 2**i for i in range(len(m.ch_mult))}
+  _require(
+      isinstance(m.attn_resolutions, (tuple, list))
+      and all(r in resolutions for r in m.attn_resolutions),
+      "model.attn_resolutions",
+      m.attn_resolutions,
+      f"each must be one of the U-Net's resolutions {sorted(resolutions)}",
+  )
   _number(config, "model.dropout", 0.0, 1.0, closed_high=False)
   _int(config, "model.num_classes", 0)
-  _require(m.num_classes == 0, "model.num_classes", m.num_classes,
-           "class-conditional runs are not supported yet: the U-Net accepts labels, but the input "
-           "pipeline yields none and the samplers draw none; use 0 (unconditional)")
+  _require(
+      m.num_classes == 0,
+      "model.num_classes",
+      m.num_classes,
+      "class-conditional runs are not supported yet: the U-Net accepts labels, but the input "
+      "pipeline yields none and the samplers draw none; use 0 (unconditional)",
+  )
   _choice(config, "model.dtype", ("float32", "bfloat16"))
+  for field in ("model.resamp_with_conv", "model.remat", "model.cpu_kernels"):
+    _bool(config, field)
 
   # diffusion
   _int(config, "diffusion.num_timesteps", 1)
   _choice(config, "diffusion.beta_schedule", schedules.SCHEDULES)
   _number(config, "diffusion.beta_start", 0.0, 1.0, closed_low=False, closed_high=False)
   _number(config, "diffusion.beta_end", 0.0, 1.0, closed_low=False, closed_high=False)
-  _require(config.diffusion.beta_start <= config.diffusion.beta_end, "diffusion.beta_start",
-           config.diffusion.beta_start, f"must not exceed diffusion.beta_end={config.diffusion.beta_end}")
+  _require(
+      config.diffusion.beta_start <= config.diffusion.beta_end,
+      "diffusion.beta_start",
+      config.diffusion.beta_start,
+      f"must not exceed diffusion.beta_end={config.diffusion.beta_end}",
+  )
   _choice(config, "diffusion.model_mean_type", MEAN_TYPES)
   _choice(config, "diffusion.model_var_type", VAR_TYPES)
   _choice(config, "diffusion.loss_type", LOSS_TYPES)
   learned = config.diffusion.model_var_type in ("learned", "learned_range")
   if learned:
-    _require(config.diffusion.loss_type != "mse", "diffusion.loss_type", "mse",
-             "trains no variance; use 'hybrid' or 'kl' with a learned model_var_type")
+    _require(
+        config.diffusion.loss_type != "mse",
+        "diffusion.loss_type",
+        "mse",
+        "trains no variance; use 'hybrid' or 'kl' with a learned model_var_type",
+    )
   else:
-    _require(config.diffusion.loss_type != "hybrid", "diffusion.loss_type", "hybrid",
-             "needs model_var_type 'learned' or 'learned_range'")
+    _require(
+        config.diffusion.loss_type != "hybrid",
+        "diffusion.loss_type",
+        "hybrid",
+        "needs model_var_type 'learned' or 'learned_range'",
+    )
 
   # optimisation
   _number(config, "optim.lr", 0.0, 1.0, closed_low=False)
@@ -141,11 +222,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   # training
   t = config.training
   _int(config, "training.batch_size", 1)
-  _require(t.batch_size % num_devices == 0, "training.batch_size", t.batch_size,
-           f"must be divisible by the number of devices ({num_devices})")
+  _require(
+      t.batch_size % num_devices == 0,
+      "training.batch_size",
+      t.batch_size,
+      f"must be divisible by the number of devices ({num_devices})",
+  )
   _int(config, "training.grad_accum_steps", 1)
-  _require((t.batch_size // num_devices) % t.grad_accum_steps == 0, "training.grad_accum_steps",
-           t.grad_accum_steps, f"must divide the per-device batch {t.batch_size // max(num_devices, 1)}")
+  _require(
+      (t.batch_size // num_devices) % t.grad_accum_steps == 0,
+      "training.grad_accum_steps",
+      t.grad_accum_steps,
+      f"must divide the per-device batch {t.batch_size // max(num_devices, 1)}",
+  )
   _int(config, "training.num_train_steps", 1)
   _int(config, "training.steps_per_call", 1)
   _choice(config, "training.multi_step_loop", ("auto", "scan", "unroll"))
@@ -153,23 +242,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   for field in ("num_train_steps", "checkpoint_every_steps", "log_every_steps"):
     v = t[field]
     _int(config, f"training.{field}", 1 if field != "checkpoint_every_steps" else 0)
-    _require(v % t.steps_per_call == 0, f"training.{field}", v,
-             f"must be a multiple of training.steps_per_call={t.steps_per_call}")
+    _require(
+        v % t.steps_per_call == 0,
+        f"training.{field}",
+        v,
+        f"must be a multiple of training.steps_per_call={t.steps_per_call}",
+    )
   _int(config, "training.keep_checkpoints", 1)
   _int(config, "training.sample_every_steps", 0)
   _int(config, "training.num_grid_samples", 1)
   _int(config, "training.prefetch", 1)
   _choice(config, "training.nan_policy", ("skip", "stop"))
   _int(config, "training.max_consecutive_nonfinite", 1)
-  if "debug_poison_step" in t:
-    _int(config, "training.debug_poison_step", -1)
+  _int(config, "training.debug_poison_step", -1)
 
   # sampling
   s = config.sampling
   _choice(config, "sampling.sampler", ("ancestral", "ddim"))
   _int(config, "sampling.num_steps", 0)
-  _require(s.num_steps <= config.diffusion.num_timesteps, "sampling.num_steps", s.num_steps,
-           f"must be 0 (all) or at most diffusion.num_timesteps={config.diffusion.num_timesteps}")
+  _require(
+      s.num_steps <= config.diffusion.num_timesteps,
+      "sampling.num_steps",
+      s.num_steps,
+      f"must be 0 (all) or at most diffusion.num_timesteps={config.diffusion.num_timesteps}",
+  )
   if s.sampler == "ddim" and s.num_steps:
     try:
       schedules.space_timesteps(config.diffusion.num_timesteps, f"ddim{s.num_steps}")
@@ -178,15 +274,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1,
   _number(config, "sampling.eta", 0.0, 1.0)
   _int(config, "sampling.num_samples", 1)
   _int(config, "sampling.batch_size", 1)
-  _require(s.batch_size % num_local_devices == 0, "sampling.batch_size", s.batch_size,
-           f"must be divisible by the number of local devices ({num_local_devices})")
+  _require(
+      s.batch_size % num_local_devices == 0,
+      "sampling.batch_size",
+      s.batch_size,
+      f"must be divisible by the number of local devices ({num_local_devices})",
+  )
   _int(config, "sampling.checkpoint_step", -1)
-  _require(isinstance(s.cpu_compile_options, bool), "sampling.cpu_compile_options",
-           s.cpu_compile_options, "must be True or False")
+  _bool(config, "sampling.clip_denoised")
 
   # evaluation
   _int(config, "eval.batch_size", 1)
-  _require(config.eval.batch_size % num_local_devices == 0, "eval.batch_size",
-           config.eval.batch_size, f"must be divisible by the number of local devices ({num_local_devices})")
+  _require(
+      config.eval.batch_size % num_local_devices == 0,
+      "eval.batch_size",
+      config.eval.batch_size,
+      f"must be divisible by the number of local devices ({num_local_devices})",
+  )
   _int(config, "eval.num_examples", 0)
   _int(config, "eval.num_fid_samples", 2)
+  _int(config, "eval.seed", 0)
+  _int(config, "eval.figure_rows", 1)
+  _int(config, "eval.figure_columns", 1)
+  _int(config, "eval.interp_t", 0)
+  _int(config, "eval.interp_lambdas", 2)

@@ -22,7 +22,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # runs keep the default level. Setting the level in XLA_FLAGS from outside wins.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(
-      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+  ).strip()
 # One persistent XLA compilation cache for the test process and every main.py it
 # starts (they inherit the variable): programs that several tests build, such as
 # the test config's train step and sampler, are compiled once. Entries are keyed
@@ -37,20 +38,8 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 # Subprocesses started by tests find the package without an install.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-
-
-@pytest.fixture(autouse=True)
-def no_conv_timing(monkeypatch):
-  """No test but tests/test_conv_timing.py measures Winograd against XLA's conv.
-
-  Measuring runs both on every one of the 8 test devices, which on a 2-core
-  host made tests/test_unet.py several minutes slower, and would make the
-  tests' programs depend on timings. Unmeasured, 32-63 channel convs and the
-  upsample convs keep XLA's way (``models/conv_timing.py``).
-  """
-  from ddpm_jax.models import conv_timing  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(conv_timing, "MEASURE_FLOPS", 0)
+    + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+)
 
 
 @pytest.fixture(scope="session")
@@ -59,17 +48,24 @@ def cifar_metadata_dir(tmp_path_factory):
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core import naming
   from tensorflow_datasets.core import splits as splits_lib
+
   data_dir = str(tmp_path_factory.mktemp("tfds_meta"))
   builder = tfds.builder("cifar10", data_dir=data_dir)
   template = naming.ShardedFileTemplate(
-      data_dir=builder.data_path, dataset_name="cifar10",
-      filetype_suffix="tfrecord")
-  builder.info.set_splits(splits_lib.SplitDict([
-      splits_lib.SplitInfo(name="train", shard_lengths=[40], num_bytes=0,
-                           filename_template=template),
-      splits_lib.SplitInfo(name="test", shard_lengths=[20], num_bytes=0,
-                           filename_template=template),
-  ]))
+      data_dir=builder.data_path, dataset_name="cifar10", filetype_suffix="tfrecord"
+  )
+  builder.info.set_splits(
+      splits_lib.SplitDict(
+          [
+              splits_lib.SplitInfo(
+                  name="train", shard_lengths=[40], num_bytes=0, filename_template=template
+              ),
+              splits_lib.SplitInfo(
+                  name="test", shard_lengths=[20], num_bytes=0, filename_template=template
+              ),
+          ]
+      )
+  )
   os.makedirs(builder.data_path, exist_ok=True)
   builder.info.write_to_directory(builder.data_path)
   return data_dir

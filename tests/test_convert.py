@@ -26,25 +26,49 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from ddpm_jax import checkpoint, convert, train  # pylint: disable=g-import-not-at-top
+from ddpm_jax.convert import diffusers as convert  # pylint: disable=g-import-not-at-top
 from ddpm_jax.models.unet import count_params  # pylint: disable=g-import-not-at-top
+from ddpm_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 
 # The released models' UNet2DModel settings (config.json of google/ddpm-*).
-COMMON = dict(in_channels=3, out_channels=3, flip_sin_to_cos=False, freq_shift=1,
-              downsample_padding=0, norm_eps=1e-6, attention_head_dim=None, norm_num_groups=32,
-              act_fn="silu")
-CIFAR10 = dict(COMMON, sample_size=32, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-LSUN256 = dict(COMMON, sample_size=256, block_out_channels=(128, 128, 256, 256, 512, 512),
-               layers_per_block=2,
-               down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4)
+COMMON = dict(
+    in_channels=3,
+    out_channels=3,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    downsample_padding=0,
+    norm_eps=1e-6,
+    attention_head_dim=None,
+    norm_num_groups=32,
+    act_fn="silu",
+)
+CIFAR10 = dict(
+    COMMON,
+    sample_size=32,
+    block_out_channels=(128, 256, 256, 256),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
+LSUN256 = dict(
+    COMMON,
+    sample_size=256,
+    block_out_channels=(128, 128, 256, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+)
 # A small model with every kind of block (attention down, middle and up; a
 # channel change; down/upsampling), for the sampling and error tests.
-SMALL = dict(COMMON, sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
-             down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-             up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+SMALL = dict(
+    COMMON,
+    sample_size=8,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,8 +106,10 @@ def _save(model, folder: str) -> str:
 
 def _torch_forward(model, x_nhwc: np.ndarray, t: np.ndarray) -> np.ndarray:
   with torch.no_grad():
-    out = model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))),
-                torch.from_numpy(t.astype(np.int64))).sample
+    out = model(
+        torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))),
+        torch.from_numpy(t.astype(np.int64)),
+    ).sample
   return out.numpy().transpose(0, 2, 3, 1)
 
 
@@ -94,7 +120,7 @@ def _jax_forward(config, params):
   over: embedded in the program, the 256x256 model's 0.45 GB made XLA's
   compile most of that test's time.
   """
-  model = train.build_model(config)
+  model = state_lib.build_model(config)
   fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
   return lambda x, t: fwd(params, x, t)
 
@@ -125,11 +151,19 @@ def _compare_forward(unet_kwargs, tmp_path, folder_name, config_name, batch, ts_
 # The released architectures: same outputs
 # ----------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_cifar10_architecture_matches_diffusers(tmp_path):
   # The folder name picks configs/ddpm_cifar10.py, as for a downloaded google/ddpm-cifar10-32.
   worst, scale, config, params, _ = _compare_forward(
-      CIFAR10, tmp_path, "ddpm-cifar10-32", None, batch=2,
-      ts_list=[(0, 999), (1, 500), (250, 17)], seed=0)
+      CIFAR10,
+      tmp_path,
+      "ddpm-cifar10-32",
+      None,
+      batch=2,
+      ts_list=[(0, 999), (1, 500), (250, 17)],
+      seed=0,
+  )
   print(f"CIFAR-10 U-Net: max |ours - diffusers| = {worst:.3g} (outputs up to {scale:.3g})")
   assert scale > 0.5  # the random weights give O(1) outputs: the comparison bites
   assert worst < 1e-4
@@ -141,8 +175,8 @@ def test_cifar10_architecture_matches_diffusers(tmp_path):
 @pytest.mark.slow
 def test_256_architecture_matches_diffusers(tmp_path):
   worst, scale, config, params, _ = _compare_forward(
-      LSUN256, tmp_path, "ddpm-church-256", "ddpm_church256", batch=1,
-      ts_list=[(500,)], seed=1)  # one t: the time embedding is checked at many t above
+      LSUN256, tmp_path, "ddpm-church-256", "ddpm_church256", batch=1, ts_list=[(500,)], seed=1
+  )  # one t: the time embedding is checked at many t above
   print(f"256x256 U-Net: max |ours - diffusers| = {worst:.3g} (outputs up to {scale:.3g})")
   assert scale > 0.5
   assert worst < 1e-4
@@ -154,6 +188,8 @@ def test_256_architecture_matches_diffusers(tmp_path):
 # A whole sampling trajectory against diffusers' DDPMScheduler
 # ----------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_ancestral_sampling_matches_ddpm_scheduler(tmp_path):
   """1000 steps of Algorithm 2 with the same x_T and the same per-step noise.
 
@@ -181,8 +217,12 @@ def test_ancestral_sampling_matches_ddpm_scheduler(tmp_path):
     z[t] = torch.randn(shape_nchw, generator=pre).numpy()
 
   # diffusers
-  sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                                  variance_type="fixed_large", clip_sample=True)
+  sched = diffusers.DDPMScheduler(
+      num_train_timesteps=1000,
+      beta_schedule="linear",
+      variance_type="fixed_large",
+      clip_sample=True,
+  )
   sched.set_timesteps(1000)
   assert list(sched.timesteps.numpy()) == list(range(T - 1, -1, -1))
   x = x_T.clone()
@@ -195,8 +235,8 @@ def test_ancestral_sampling_matches_ddpm_scheduler(tmp_path):
   ref_traj = np.stack(ref_traj)
 
   # ours: GaussianDiffusion.p_mean_variance with the given noise, one lax.scan
-  model = train.build_model(config)
-  diffusion = train.build_diffusion(config)
+  model = state_lib.build_model(config)
+  diffusion = state_lib.build_diffusion(config)
   zs = jnp.asarray(z[::-1].transpose(0, 1, 3, 4, 2))  # in step order t = T-1 .. 0, NHWC
 
   @jax.jit
@@ -204,11 +244,13 @@ def test_ancestral_sampling_matches_ddpm_scheduler(tmp_path):
     def step(x, inp):
       t_scalar, z_t = inp
       t = jnp.full((B,), t_scalar, jnp.int32)
-      out = diffusion.p_mean_variance(model.apply({"params": params}, x, t), x, t,
-                                      clip_denoised=True)
+      out = diffusion.p_mean_variance(
+          model.apply({"params": params}, x, t), x, t, clip_denoised=True
+      )
       nonzero = (t_scalar > 0).astype(x.dtype)
       x = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * z_t
       return x, x
+
     _, traj = jax.lax.scan(step, x_T, (jnp.arange(T - 1, -1, -1, dtype=jnp.int32), zs))
     return traj
 
@@ -218,10 +260,12 @@ def test_ancestral_sampling_matches_ddpm_scheduler(tmp_path):
   # rest on the final samples, many of which sit at the clip bounds +-1.
   x1 = float(np.max(np.abs(traj[-2] - ref_traj[-2])))
   whole = float(np.max(np.abs(traj - ref_traj)))
-  print(f"1000-step ancestral sampling: max |ours - diffusers| = {final:.3g} at x_0, "
-        f"{x1:.3g} at x_1, {whole:.3g} over the trajectory; "
-        f"{np.mean(np.abs(ref_traj[-1]) == 1.0):.0%} of x_0 at +-1, x_1 in "
-        f"[{ref_traj[-2].min():.2f}, {ref_traj[-2].max():.2f}]")
+  print(
+      f"1000-step ancestral sampling: max |ours - diffusers| = {final:.3g} at x_0, "
+      f"{x1:.3g} at x_1, {whole:.3g} over the trajectory; "
+      f"{np.mean(np.abs(ref_traj[-1]) == 1.0):.0%} of x_0 at +-1, x_1 in "
+      f"[{ref_traj[-2].min():.2f}, {ref_traj[-2].max():.2f}]"
+  )
   assert np.abs(ref_traj[-2]).max() > 0.5
   # Tolerance (measured: ~4e-5): diffusers builds its tables in float32 (betas by
   # torch.linspace, alpha_bar by a float32 cumprod: ~1e-5 relative error near
@@ -234,24 +278,28 @@ def test_ancestral_sampling_matches_ddpm_scheduler(tmp_path):
 # Errors: unsupported configs, missing / extra tensors
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key,value", [
-    ("flip_sin_to_cos", True),
-    ("freq_shift", 0),
-    ("downsample_padding", 1),
-    ("norm_eps", 1e-5),
-    ("norm_num_groups", 16),
-    ("act_fn", "gelu"),
-    ("attention_head_dim", 8),
-    ("resnet_time_scale_shift", "scale_shift"),
-    ("time_embedding_type", "fourier"),
-    ("center_input_sample", True),
-    ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),  # attention at another level than down
-    ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D"]),
-    ("block_out_channels", [32, 48]),
-    ("sample_size", 9),  # not divisible by 2**(levels-1)
-    ("num_class_embeds", 10),
-    ("out_channels", 4),
-])
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("flip_sin_to_cos", True),
+        ("freq_shift", 0),
+        ("downsample_padding", 1),
+        ("norm_eps", 1e-5),
+        ("norm_num_groups", 16),
+        ("act_fn", "gelu"),
+        ("attention_head_dim", 8),
+        ("resnet_time_scale_shift", "scale_shift"),
+        ("time_embedding_type", "fourier"),
+        ("center_input_sample", True),
+        ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),  # attention at another level than down
+        ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D"]),
+        ("block_out_channels", [32, 48]),
+        ("sample_size", 9),  # not divisible by 2**(levels-1)
+        ("num_class_embeds", 10),
+        ("out_channels", 4),
+    ],
+)
 def test_unsupported_config_names_the_key(key, value):
   cfg = dict(convert.DIFFUSERS_UNET_DEFAULTS)
   cfg.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in SMALL.items()})
@@ -287,6 +335,7 @@ def small_folder(tmp_path_factory):
 def _rewrite(src: str, dst, edit) -> str:
   """Copy of the model folder with ``edit(tensors)`` applied to its tensors."""
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+
   os.makedirs(dst, exist_ok=True)
   with open(os.path.join(src, "config.json")) as f:
     cfg = f.read()
@@ -312,8 +361,9 @@ def test_missing_and_extra_tensors_are_listed(small_folder, tmp_path):
     convert.convert(bad, None, None, verbose=False)
   err = e.value
   assert len(err.missing) == 2  # diffusers up_blocks.0 is our up level L-1-0 = 1
-  assert any("up_1_attn_1/k/bias" in m and "up_blocks.0.attentions.1.to_k.bias" in m
-             for m in err.missing)
+  assert any(
+      "up_1_attn_1/k/bias" in m and "up_blocks.0.attentions.1.to_k.bias" in m for m in err.missing
+  )
   assert any("down_1_block_0/nin_shortcut/kernel" in m for m in err.missing)
   assert err.unexpected == ["up_blocks.0.attentions.1.extra_proj.weight"]
   assert len(err.mismatched) == 1 and "mid_block.resnets.0.conv1.weight" in err.mismatched[0]
@@ -338,7 +388,12 @@ def test_old_attention_names_convert_the_same(small_folder, tmp_path):
   """Files saved by early diffusers name attention query/key/value/proj_attn."""
   src, _ = small_folder
   _, new, _ = convert.convert(src, None, None, verbose=False)
-  renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+  renames = {
+      ".to_q.": ".query.",
+      ".to_k.": ".key.",
+      ".to_v.": ".value.",
+      ".to_out.0.": ".proj_attn.",
+  }
 
   def edit(t):
     for name in list(t):
@@ -368,6 +423,7 @@ def test_pickled_bin_file_converts_the_same(small_folder, tmp_path):
 # The written workdir
 # ----------------------------------------------------------------------------
 
+
 def _load_config_py(path: str):
   spec = importlib.util.spec_from_file_location("converted_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -375,14 +431,18 @@ def _load_config_py(path: str):
   return module.get_config()
 
 
+@pytest.mark.slow
 def test_workdir_restores_and_gives_the_same_outputs(small_folder, tmp_path, capsys):
   src, tmodel = small_folder
   # A pipeline folder (unet/ + scheduler/), as DDPMPipeline.save_pretrained writes it.
   pipe = tmp_path / "ddpm-small-pipeline"
   _rewrite(src, pipe / "unet", lambda t: None)
-  diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                          variance_type="fixed_large", clip_sample=True).save_pretrained(
-                              str(pipe / "scheduler"))
+  diffusers.DDPMScheduler(
+      num_train_timesteps=1000,
+      beta_schedule="linear",
+      variance_type="fixed_large",
+      clip_sample=True,
+  ).save_pretrained(str(pipe / "scheduler"))
   workdir = tmp_path / "wd"
   assert convert.main([f"--src={pipe}", f"--workdir={workdir}", "--step=7"]) == 0
   printed = capsys.readouterr().out
@@ -391,8 +451,10 @@ def test_workdir_restores_and_gives_the_same_outputs(small_folder, tmp_path, cap
   config = _load_config_py(str(workdir / "config.py"))
   assert tuple(config.model.ch_mult) == (1, 2) and tuple(config.model.attn_resolutions) == (4,)
   assert config.data.image_size == 8
-  model = train.build_model(config)
-  target = jax.eval_shape(functools.partial(train.init_params, model, config), jax.random.PRNGKey(0))
+  model = state_lib.build_model(config)
+  target = jax.eval_shape(
+      functools.partial(state_lib.init_params, model, config), jax.random.PRNGKey(0)
+  )
   manager = checkpoint.create_manager(str(workdir), read_only=True)
   params, step = checkpoint.restore_ema_params(manager, target, config)
   assert step == 7
@@ -412,21 +474,27 @@ def test_scheduler_with_another_schedule_is_refused(small_folder, tmp_path):
   src, _ = small_folder
   pipe = tmp_path / "pipe"
   _rewrite(src, pipe / "unet", lambda t: None)
-  diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
-                          beta_end=0.01).save_pretrained(str(pipe / "scheduler"))
-  with pytest.raises(convert.UnsupportedConfigError,
-                     match=r"scheduler_config.json: beta_end=0.01 .*diffusion.beta_end=0.02"):
+  diffusers.DDPMScheduler(
+      num_train_timesteps=1000, beta_schedule="linear", beta_end=0.01
+  ).save_pretrained(str(pipe / "scheduler"))
+  with pytest.raises(
+      convert.UnsupportedConfigError,
+      match=r"scheduler_config.json: beta_end=0.01 .*diffusion.beta_end=0.02",
+  ):
     convert.convert(str(pipe), None, None, verbose=False)
 
 
 def test_config_name_must_match_the_weights(small_folder):
   src, _ = small_folder
-  with pytest.raises(convert.UnsupportedConfigError, match=r"block_out_channels\[0\]=32.*model\.ch=128"):
+  with pytest.raises(
+      convert.UnsupportedConfigError, match=r"block_out_channels\[0\]=32.*model\.ch=128"
+  ):
     convert.convert(src, None, "ddpm_cifar10", verbose=False)
 
 
-@pytest.mark.parametrize("name", ["ddpm_cifar10", "ddpm_celebahq256", "ddpm_church256",
-                                  "ddpm_bedroom256", "ddpm_cat256"])
+@pytest.mark.parametrize(
+    "name", ["ddpm_cifar10", "ddpm_celebahq256", "ddpm_church256", "ddpm_bedroom256", "ddpm_cat256"]
+)
 def test_released_configs_accept_the_released_architecture(name):
   unet = CIFAR10 if name == "ddpm_cifar10" else LSUN256
   cfg = dict(convert.DIFFUSERS_UNET_DEFAULTS, **unet)
@@ -437,6 +505,8 @@ def test_released_configs_accept_the_released_architecture(name):
   assert (config.diffusion.beta_start, config.diffusion.beta_end) == (1e-4, 0.02)
   want_var = "fixedlarge" if name == "ddpm_cifar10" else "fixedsmall"
   assert config.diffusion.model_var_type == want_var
-  model = train.build_model(config)
-  target = jax.eval_shape(functools.partial(train.init_params, model, config), jax.random.PRNGKey(0))
+  model = state_lib.build_model(config)
+  target = jax.eval_shape(
+      functools.partial(state_lib.init_params, model, config), jax.random.PRNGKey(0)
+  )
   assert count_params(target) == (35_746_307 if name == "ddpm_cifar10" else 113_673_219)

@@ -19,19 +19,20 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from ddpm_jax import checkpoint, config_validation, input_pipeline, train
-
-# After a failed checkpoint read, tensorstore completes futures on an asyncio loop orbax
-# has already closed ("Event loop is closed", unraisable): noise, silenced by main.py.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+from ddpm_jax import config_validation, errors
+from ddpm_jax.data import sources
+from ddpm_jax.training import checkpoint
+from ddpm_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's cache (conftest.py)
 # The session's XLA_FLAGS (conftest.py: the optimisation level) and two devices.
-ENV = {"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
-       "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+ENV = {
+    "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
+    "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
 IMAGE_EXTS = ".png, .jpg, .jpeg, .webp, .bmp"
 
 
@@ -48,8 +49,14 @@ def cli(*args, workdir=None, config="configs/test.py", timeout=600):
     cmd.append(f"--config={config}")
   if workdir:
     cmd.append(f"--workdir={workdir}")
-  r = subprocess.run(cmd + list(args), cwd=ROOT, env={**os.environ, **ENV},
-                     capture_output=True, text=True, timeout=timeout)
+  r = subprocess.run(
+      cmd + list(args),
+      cwd=ROOT,
+      env={**os.environ, **ENV},
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
   return r.returncode, r.stderr
 
 
@@ -70,6 +77,7 @@ def assert_one_line_error(rc, stderr, expected):
 # Config: config_validation.validate, in process
 # ----------------------------------------------------------------------------
 
+
 def validation_error(num_devices=2, **overrides):
   config = test_config.get_config()
   for path, value in overrides.items():
@@ -87,82 +95,96 @@ def test_the_test_config_is_valid():
 def test_unknown_beta_schedule():
   assert validation_error(diffusion__beta_schedule="linearr") == (
       "config.diffusion.beta_schedule='linearr' is invalid: must be one of ('linear', 'quad', "
-      "'const', 'jsd', 'warmup10', 'warmup50', 'cosine')")
+      "'const', 'jsd', 'warmup10', 'warmup50', 'cosine')"
+  )
 
 
 def test_batch_size_not_divisible_by_device_count():
   assert validation_error(training__batch_size=3) == (
-      "config.training.batch_size=3 is invalid: must be divisible by the number of devices (2)")
+      "config.training.batch_size=3 is invalid: must be divisible by the number of devices (2)"
+  )
 
 
 def test_image_size_too_small_for_unet_depth():
   assert validation_error(model__ch_mult=(1, 2, 2, 2, 2)) == (
       "config.data.image_size=8 is invalid: must be divisible by 2**(len(model.ch_mult)-1) = 16 "
-      "(model.ch_mult=(1, 2, 2, 2, 2))")
+      "(model.ch_mult=(1, 2, 2, 2, 2))"
+  )
 
 
 def test_attention_resolution_not_in_unet():
   assert validation_error(model__attn_resolutions=(16,)) == (
       "config.model.attn_resolutions=(16,) is invalid: each must be one of the U-Net's "
-      "resolutions [4, 8]")
+      "resolutions [4, 8]"
+  )
 
 
-def test_class_conditional_runs_are_refused_at_start_up():
+def test_class_conditional_runs_are_refused_at_start_up():  # until issue 23
   # The U-Net takes labels, but nothing feeds them: training would crash in the first step.
   assert validation_error(model__num_classes=10) == (
       "config.model.num_classes=10 is invalid: class-conditional runs are not supported yet: "
       "the U-Net accepts labels, but the input pipeline yields none and the samplers draw none; "
-      "use 0 (unconditional)")
+      "use 0 (unconditional)"
+  )
 
 
 def test_unknown_dataset():
   assert validation_error(data__dataset="mnist") == (
       "config.data.dataset='mnist' is invalid: must be one of ('digits', 'cifar10', "
-      "'celeb_a_hq/256', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'folder')")
+      "'celeb_a_hq/256', 'lsun/church_outdoor', 'lsun/bedroom', 'lsun/cat', 'folder')"
+  )
 
 
 def test_channels_do_not_fit_dataset():
   assert validation_error(data__channels=3) == (
-      "config.data.channels=3 is invalid: digits are grayscale: 1")
+      "config.data.channels=3 is invalid: digits are grayscale: 1"
+  )
 
 
 def test_ddim_steps_not_expressible_with_an_integer_stride():
   assert validation_error(sampling__sampler="ddim", sampling__num_steps=30) == (
       "config.sampling.num_steps=30 is invalid: sampler respacing 'ddim30': cannot make "
-      "exactly 30 steps with an integer stride of 100")
+      "exactly 30 steps with an integer stride of 100"
+  )
 
 
 def test_sampler_steps_above_num_timesteps():
   assert validation_error(sampling__num_steps=101) == (
       "config.sampling.num_steps=101 is invalid: must be 0 (all) or at most "
-      "diffusion.num_timesteps=100")
+      "diffusion.num_timesteps=100"
+  )
 
 
 def test_ddim_eta_out_of_range():
   assert validation_error(sampling__eta=1.5) == (
-      "config.sampling.eta=1.5 is invalid: must be a number in [0.0, 1.0]")
+      "config.sampling.eta=1.5 is invalid: must be a number in [0.0, 1.0]"
+  )
 
 
 def test_nan_policy_unknown():
   assert validation_error(training__nan_policy="ignore") == (
-      "config.training.nan_policy='ignore' is invalid: must be one of ('skip', 'stop')")
+      "config.training.nan_policy='ignore' is invalid: must be one of ('skip', 'stop')"
+  )
 
 
 def test_grad_all_reduce_unknown():
   assert validation_error(training__grad_all_reduce="ring") == (
-      "config.training.grad_all_reduce='ring' is invalid: must be one of ('auto', 'flat', 'tree')")
+      "config.training.grad_all_reduce='ring' is invalid: must be one of ('auto', 'flat', 'tree')"
+  )
 
 
 def test_max_consecutive_nonfinite_zero():
   assert validation_error(training__max_consecutive_nonfinite=0) == (
-      "config.training.max_consecutive_nonfinite=0 is invalid: must be an integer >= 1")
+      "config.training.max_consecutive_nonfinite=0 is invalid: must be an integer >= 1"
+  )
 
 
 def test_folder_that_does_not_exist(tmp_path):
   missing = str(tmp_path / "missing")
   assert validation_error(data__dataset="folder", data__folder=missing) == (
       f"config.data.folder={missing!r} is invalid: must name an existing directory of images "
-      "for dataset='folder'")
+      "for dataset='folder'"
+  )
 
 
 def test_folder_without_image_files(tmp_path):
@@ -170,20 +192,24 @@ def test_folder_without_image_files(tmp_path):
   (tmp_path / "sub" / "notes.txt").write_text("no images here")
   assert validation_error(data__dataset="folder", data__folder=str(tmp_path)) == (
       f"config.data.folder={str(tmp_path)!r} is invalid: holds no image file ({IMAGE_EXTS}) "
-      "in it or its subdirectories")
+      "in it or its subdirectories"
+  )
 
 
 # ----------------------------------------------------------------------------
-# Data: input_pipeline, in process
+# Data: ddpm_jax.data, in process
 # ----------------------------------------------------------------------------
+
 
 def _write_images(folder, good, bad):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   os.makedirs(folder, exist_ok=True)
   rng = np.random.default_rng(0)
   for i in range(good):
     Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(
-        os.path.join(folder, f"good{i}.png"))
+        os.path.join(folder, f"good{i}.png")
+    )
   for i in range(bad):
     with open(os.path.join(folder, f"bad{i}.png"), "wb") as f:
       f.write(b"\x89PNG\r\n\x1a\n this is not an image")
@@ -193,30 +219,34 @@ def test_undecodable_images_are_skipped_and_counted(tmp_path, caplog):
   folder = str(tmp_path / "images")
   _write_images(folder, good=3, bad=2)
   with caplog.at_level(logging.WARNING):
-    images, skipped = input_pipeline.load_image_folder(folder, 8, channels=1)
-  assert images.shape == (3, 8, 8, 1) and skipped == 2
+    split, skipped = sources.load_image_folder(folder, 8, channels=1)
+  assert split.images.shape == (3, 8, 8, 1) and skipped == 2
   assert f"Skipped 2 of 5 image files under {folder} that could not be decoded." in caplog.text
 
 
 def test_folder_with_only_undecodable_images(tmp_path):
   folder = str(tmp_path / "images")
   _write_images(folder, good=0, bad=2)
-  with pytest.raises(ValueError) as e:
-    input_pipeline.load_image_folder(folder, 8, channels=1)
-  assert str(e.value) == (f"No decodable image ({IMAGE_EXTS}) under data.folder={folder!r} "
-                          "(2 undecodable files).")
+  with pytest.raises(errors.DataError) as e:
+    sources.load_image_folder(folder, 8, channels=1)
+  assert str(e.value) == (
+      f"No decodable image ({IMAGE_EXTS}) under data.folder={folder!r} " "(2 undecodable files)."
+  )
 
 
 def test_tfds_dataset_not_prepared_fails_at_once_with_instructions(tmp_path):
   config = test_config.get_config()
   config.data.dataset, config.data.channels = "cifar10", 3
   config.data.data_dir = str(tmp_path)
-  with pytest.raises(input_pipeline.DatasetNotPreparedError) as e:
-    input_pipeline.get_tfds_builder(config.data)
+  with pytest.raises(errors.DataNotPreparedError) as e:
+    sources.get_tfds_builder(config.data)
   message = str(e.value)
-  assert re.match(rf"TFDS data set 'cifar10' \(version [\d.]+\) is not prepared: no "
-                  rf"dataset_info.json in {re.escape(str(tmp_path))}/cifar10/[\d.]+\. Nothing is "
-                  r"downloaded here\.", message), message
+  assert re.match(
+      rf"TFDS data set 'cifar10' \(version [\d.]+\) is not prepared: no "
+      rf"dataset_info.json in {re.escape(str(tmp_path))}/cifar10/[\d.]+\. Nothing is "
+      r"downloaded here\.",
+      message,
+  ), message
   assert f"tfds build cifar10 --data_dir={tmp_path}" in message
 
 
@@ -224,17 +254,17 @@ def test_tfds_dataset_not_prepared_fails_at_once_with_instructions(tmp_path):
 # Checkpoints, in process
 # ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def host_state():
   config = test_config.get_config()
-  model, tx = train.build_model(config), train.create_optimizer(config.optim)
-  return jax.device_get(train.create_train_state(config, model, tx))
+  model, tx = state_lib.build_model(config), state_lib.create_optimizer(config.optim)
+  return jax.device_get(state_lib.create_train_state(config, model, tx))
 
 
 def _save(workdir, state, step, config=None):
   manager = checkpoint.create_manager(workdir)
   checkpoint.save(manager, state.replace(step=np.int32(step)), config or test_config.get_config())
-  manager.wait_until_finished()
   return manager
 
 
@@ -244,12 +274,13 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, host_state):
   config = test_config.get_config()
   config.model.ch, config.model.num_res_blocks = 64, 2
   manager = checkpoint.create_manager(workdir)
-  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+  with pytest.raises(errors.CheckpointMismatchError) as e:
     checkpoint.restore_train_state(manager, host_state, config)
   assert str(e.value) == (
-      f"{workdir}/checkpoints holds a checkpoint of another architecture (model.ch: checkpoint "
-      "32 vs config 64, model.num_res_blocks: checkpoint 1 vs config 2); use another --workdir "
-      "or the matching config")
+      f"{workdir}/checkpoints holds a checkpoint of another architecture or diffusion process "
+      "(config.model.ch: checkpoint 32 vs config 64, config.model.num_res_blocks: checkpoint 1 "
+      "vs config 2); use another --workdir or the matching config"
+  )
   assert complete_steps(workdir) == [3]  # untouched
 
 
@@ -260,26 +291,30 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, host_sta
   for path in glob.glob(os.path.join(step_dir, "*", "ocdbt.process_0", "d", "*")):
     os.remove(path)
   manager = checkpoint.create_manager(workdir)
-  with pytest.raises(checkpoint.CorruptCheckpointError) as e:
+  with pytest.raises(errors.CorruptCheckpointError) as e:
     checkpoint.restore_train_state(manager, host_state, test_config.get_config())
   assert re.fullmatch(
-      rf"none of the checkpoints in {re.escape(workdir)}/checkpoints can be read \(steps \[3\]; "
-      r"step 3: \w+: .*\); nothing was changed: move them away to train from scratch, or use "
-      r"another --workdir", str(e.value)), str(e.value)
+      rf"none of the checkpoints in {re.escape(workdir)}/checkpoints can be read \(steps \[3\]\); "
+      r"nothing was changed: move them away to train from scratch, or use another --workdir "
+      r"\(step 3: \w+: .*\)",
+      str(e.value),
+  ), str(e.value)
   assert os.path.isdir(step_dir)
 
 
 def test_sampling_without_a_checkpoint(tmp_path, host_state):
   manager = checkpoint.create_manager(str(tmp_path))
-  with pytest.raises(FileNotFoundError) as e:
+  with pytest.raises(errors.NoCheckpointError) as e:
     checkpoint.restore_ema_params(manager, host_state.ema_params, test_config.get_config())
-  assert str(e.value) == (f"no checkpoint in {tmp_path}/checkpoints: train first (--mode=train) "
-                          "or point --workdir at a trained run")
+  assert str(e.value) == (
+      f"no checkpoint in {tmp_path}/checkpoints: train first (--mode=train) "
+      "or point --workdir at a trained run"
+  )
 
 
 def test_sampling_a_checkpoint_step_that_does_not_exist(tmp_path, host_state):
   manager = _save(str(tmp_path), host_state, 3)
-  with pytest.raises(FileNotFoundError) as e:
+  with pytest.raises(errors.NoCheckpointError) as e:
     checkpoint.restore_ema_params(manager, host_state.ema_params, test_config.get_config(), step=7)
   assert str(e.value) == f"no checkpoint at step 7 in {tmp_path}/checkpoints; available: [3]"
 
@@ -288,27 +323,36 @@ def test_disk_full_at_save_keeps_the_earlier_checkpoint(tmp_path, host_state, mo
   workdir = str(tmp_path)
   manager = _save(workdir, host_state, 3)
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
-  expected = (f"could not write to {ckpt_dir}: no space left on device; the newest complete "
-              "checkpoint, step 3, is intact (unfinished writes are ignored); free space and run "
-              "the same command again to resume")
+  expected = (
+      f"could not write to {ckpt_dir}: no space left on device; the newest complete "
+      "checkpoint, step 3, is intact (unfinished writes are ignored); free space and run "
+      "the same command again to resume"
+  )
 
   def full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(ckpt_dir, "4"))
+
   monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
-  with pytest.raises(checkpoint.CheckpointWriteError) as e:
+  with pytest.raises(errors.StorageError) as e:
     checkpoint.save(manager, host_state.replace(step=np.int32(4)), test_config.get_config())
   assert str(e.value) == expected and e.value.errno == errno.ENOSPC
   # How orbax reports a failed asynchronous write at the next save or wait.
   async_failure = ValueError(
       'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file "x": '
-      "Failed to write 4612096 bytes to file 6: No space left on device [os_error_code='28']")
+      "Failed to write 4612096 bytes to file 6: No space left on device [os_error_code='28']"
+  )
   assert checkpoint.storage_error_message(async_failure, ckpt_dir) == expected
   # A device out of memory is RESOURCE_EXHAUSTED too, but not a storage problem.
-  assert checkpoint.storage_error_message(
-      ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"), ckpt_dir) is None
+  assert (
+      checkpoint.storage_error_message(
+          ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"), ckpt_dir
+      )
+      is None
+  )
   monkeypatch.undo()
-  restored = checkpoint.restore_train_state(checkpoint.create_manager(workdir, read_only=True),
-                                            host_state, test_config.get_config())
+  restored = checkpoint.restore_train_state(
+      checkpoint.create_manager(workdir, read_only=True), host_state, test_config.get_config()
+  )
   assert int(restored.step) == 3
 
 
@@ -316,8 +360,7 @@ def test_saving_a_step_that_exists_is_a_no_op(tmp_path, host_state):
   """A finished run started again (or SIGTERM right after a periodic checkpoint)."""
   manager = _save(str(tmp_path), host_state, 3)
   changed = host_state.replace(params=jax.tree.map(lambda p: p + 1, host_state.params))
-  checkpoint.save(manager, changed.replace(step=np.int32(3)), test_config.get_config())
-  manager.wait_until_finished()
+  assert not checkpoint.save(manager, changed.replace(step=np.int32(3)), test_config.get_config())
   assert manager.all_steps() == [3]
 
 
@@ -325,83 +368,128 @@ def test_saving_a_step_that_exists_is_a_no_op(tmp_path, host_state):
 # The command line (main.py)
 # ----------------------------------------------------------------------------
 
+
 def test_cli_misspelled_override_names_the_field():
   rc, err = cli("--config.training.batchsize=3", workdir="/nonexistent-unused")
-  assert_one_line_error(rc, err, (
-      "error: --config.training.batchsize: the config has no field 'training.batchsize' (did you "
-      "mean --config.training.batch_size?); the fields are listed in configs/default.py"))
+  assert_one_line_error(
+      rc,
+      err,
+      (
+          "error: --config.training.batchsize: the config has no field 'training.batchsize' (did you "
+          "mean --config.training.batch_size?); the fields are listed in configs/default.py"
+      ),
+  )
 
 
 def test_cli_misspelled_section_and_bad_literal_and_missing_config_file():
   rc, err = cli("--config.trainin.batch_size=3", workdir="/nonexistent-unused")
-  assert_one_line_error(rc, err, (
-      "error: --config.trainin.batch_size: the config has no field 'trainin.batch_size' (did you "
-      "mean --config.training.batch_size?); the fields are listed in configs/default.py"))
+  assert_one_line_error(
+      rc,
+      err,
+      (
+          "error: --config.trainin.batch_size: the config has no field 'trainin.batch_size' (did you "
+          "mean --config.training.batch_size?); the fields are listed in configs/default.py"
+      ),
+  )
   rc, err = cli("--config.training.batch_size=abc", workdir="/nonexistent-unused")
-  assert_one_line_error(rc, err, (
-      "error: flag --config.training.batch_size=abc: invalid literal for int() with base 10: "
-      "'abc' (see --helpfull)"))
+  assert_one_line_error(rc, err, "error: --config.training.batch_size=abc: not an integer")
   rc, err = cli(workdir="/nonexistent-unused", config="configs/nope.py")
-  assert_one_line_error(rc, err, (
-      "error: --config=configs/nope.py: cannot load the config file ([Errno 2] No such file or "
-      "directory: 'configs/nope.py')"))
+  assert_one_line_error(rc, err, "error: --config=configs/nope.py: no such file")
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("--config.diffusion.beta_schedule=linearr",
-     "error: config.diffusion.beta_schedule='linearr' is invalid: must be one of ('linear', "
-     "'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cosine')"),
-    ("--config.training.batch_size=3",
-     "error: config.training.batch_size=3 is invalid: must be divisible by the number of "
-     "devices (2)"),
-    ("--config.host.malloc=tcmalloc",  # checked before main.py would restart itself with it
-     "error: config.host.malloc='tcmalloc' is invalid: must be one of ('auto', 'jemalloc', "
-     "'glibc_thp', 'system')"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        (
+            "--config.diffusion.beta_schedule=linearr",
+            "error: config.diffusion.beta_schedule='linearr' is invalid: must be one of ('linear', "
+            "'quad', 'const', 'jsd', 'warmup10', 'warmup50', 'cosine')",
+        ),
+        (
+            "--config.training.batch_size=3",
+            "error: config.training.batch_size=3 is invalid: must be divisible by the number of "
+            "devices (2)",
+        ),
+        (
+            "--config.model.cpu_kernels=maybe",
+            "error: --config.model.cpu_kernels=maybe: not True or False",
+        ),
+    ],
+)
+@pytest.mark.slow
 def test_cli_invalid_value(tmp_path, override, expected):
   rc, err = cli(override, workdir=str(tmp_path))
   assert_one_line_error(rc, err, expected)
 
 
+@pytest.mark.slow
 def test_cli_workdir_under_a_regular_file(tmp_path):
   """Root ignores permission bits, so an unwritable workdir is made with a file in its path."""
   blocker = tmp_path / "file"
   blocker.write_text("")
   rc, err = cli(workdir=str(blocker / "sub"))
-  assert_one_line_error(rc, err, f"error: --workdir={blocker}/sub cannot be created: {blocker} is "
-                                 "a file, not a directory")
+  assert_one_line_error(
+      rc,
+      err,
+      f"error: --workdir={blocker}/sub cannot be created: {blocker} is " "a file, not a directory",
+  )
   rc, err = cli(workdir=str(blocker))
   assert_one_line_error(rc, err, f"error: --workdir={blocker} is a file, not a directory")
 
 
+@pytest.mark.slow
 def test_cli_tfds_not_prepared_fails_before_building_the_model(tmp_path):
   data_dir = str(tmp_path / "tfds")
   os.makedirs(data_dir)
-  rc, err = cli("--config.data.dataset=cifar10", "--config.data.channels=3",
-                f"--config.data.data_dir={data_dir}", workdir=str(tmp_path / "run"))
-  line = assert_one_line_error(rc, err, re.compile(
-      rf"error: TFDS data set 'cifar10' \(version [\d.]+\) is not prepared: .* tfds build cifar10 "
-      rf"--data_dir={re.escape(data_dir)} and copy the folder .*"))
+  rc, err = cli(
+      "--config.data.dataset=cifar10",
+      "--config.data.channels=3",
+      f"--config.data.data_dir={data_dir}",
+      workdir=str(tmp_path / "run"),
+  )
+  line = assert_one_line_error(
+      rc,
+      err,
+      re.compile(
+          rf"error: TFDS data set 'cifar10' \(version [\d.]+\) is not prepared: .* tfds build cifar10 "
+          rf"--data_dir={re.escape(data_dir)} and copy the folder .*"
+      ),
+  )
   assert "Model:" not in err  # failed before the model was built and compiled
   assert line.startswith("error: TFDS data set 'cifar10'")
 
 
+@pytest.mark.slow
 def test_cli_folder_with_only_undecodable_images(tmp_path):
   folder = str(tmp_path / "images")
   _write_images(folder, good=0, bad=2)
-  rc, err = cli("--config.data.dataset=folder", f"--config.data.folder={folder}",
-                workdir=str(tmp_path / "run"))
-  assert_one_line_error(rc, err, f"error: No decodable image ({IMAGE_EXTS}) under "
-                                 f"data.folder={folder!r} (2 undecodable files).")
+  rc, err = cli(
+      "--config.data.dataset=folder",
+      f"--config.data.folder={folder}",
+      workdir=str(tmp_path / "run"),
+  )
+  assert_one_line_error(
+      rc,
+      err,
+      f"error: No decodable image ({IMAGE_EXTS}) under "
+      f"data.folder={folder!r} (2 undecodable files).",
+  )
 
 
+@pytest.mark.slow
 def test_cli_workdir_of_another_architecture(tmp_path, host_state):
   workdir = str(tmp_path / "run")
   _save(workdir, host_state, 3)
   rc, err = cli("--config.model.ch=64", workdir=workdir)
-  assert_one_line_error(rc, err, (
-      f"error: {workdir}/checkpoints holds a checkpoint of another architecture (model.ch: "
-      "checkpoint 32 vs config 64); use another --workdir or the matching config"))
+  assert_one_line_error(
+      rc,
+      err,
+      (
+          f"error: {workdir}/checkpoints holds a checkpoint of another architecture or diffusion "
+          "process (config.model.ch: checkpoint 32 vs config 64); use another --workdir or the "
+          "matching config"
+      ),
+  )
 
 
 @pytest.fixture
@@ -409,8 +497,11 @@ def small_tmpfs(tmp_path):
   """A 16 MiB file system: room for one checkpoint of configs/test.py (11 MB), not two."""
   mount_point = tmp_path / "small"
   mount_point.mkdir()
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
-                     capture_output=True, text=True)
+  r = subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+      capture_output=True,
+      text=True,
+  )
   if r.returncode:
     pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
   try:
@@ -419,14 +510,20 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_cli_disk_full_at_checkpoint_time_then_resume(small_tmpfs):
   workdir = os.path.join(small_tmpfs, "run")
   args = ("--config.training.num_train_steps=8", "--config.training.checkpoint_every_steps=4")
   rc, err = cli(*args, workdir=workdir)
-  assert_one_line_error(rc, err, (
-      f"error: could not write to --workdir={workdir}: no space left on device; the newest "
-      "complete checkpoint, step 4, is intact (unfinished writes are ignored); free space and "
-      "run the same command again to resume"))
+  assert_one_line_error(
+      rc,
+      err,
+      (
+          f"error: could not write to {workdir}/checkpoints: no space left on device; the newest "
+          "complete checkpoint, step 4, is intact (unfinished writes are ignored); free space and "
+          "run the same command again to resume"
+      ),
+  )
   subprocess.run(["mount", "-o", "remount,size=64m", small_tmpfs], check=True)
   rc, err = cli(*args, workdir=workdir)
   assert rc == 0, err[-3000:]

@@ -16,10 +16,14 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from ddpm_jax import checkpoint, digits_classifier, evaluate, figures, generate, input_pipeline
-from ddpm_jax import metrics
-from ddpm_jax import schedules, train
-from ddpm_jax.diffusion import GaussianDiffusion
+from ddpm_jax import errors, sample
+from ddpm_jax import images as image_lib
+from ddpm_jax.data import sources
+from ddpm_jax.diffusion import schedules
+from ddpm_jax.diffusion.gaussian import GaussianDiffusion
+from ddpm_jax.evaluation import bpd, digits_classifier, features, fid, figures, metrics
+from ddpm_jax.training import checkpoint
+from ddpm_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 3
@@ -36,16 +40,17 @@ def small_config():
 
 def write_checkpoint(workdir, config):
   """A checkpoint at STEP whose EMA parameters are the init plus noise (no training needed)."""
-  model = train.build_model(config)
-  tx = train.create_optimizer(config.optim)
-  state = jax.device_get(train.create_train_state(config, model, tx))
+  model = state_lib.build_model(config)
+  tx = state_lib.create_optimizer(config.optim)
+  state = jax.device_get(state_lib.create_train_state(config, model, tx))
   rng = np.random.default_rng(0)
-  ema = jax.tree.map(lambda p: np.asarray(p) + 0.02 * rng.standard_normal(p.shape).astype(p.dtype),
-                     state.ema_params)
+  ema = jax.tree.map(
+      lambda p: np.asarray(p) + 0.02 * rng.standard_normal(p.shape).astype(p.dtype),
+      state.ema_params,
+  )
   state = state.replace(ema_params=ema, step=np.int32(STEP))
   manager = checkpoint.create_manager(workdir)
   checkpoint.save(manager, state, config)
-  manager.wait_until_finished()
   return ema
 
 
@@ -69,18 +74,30 @@ def fresh_workdir(tmp_path, trained):
 # bits/dim
 # ----------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_eval_bpd_writes_the_bound_and_matches_calc_bpd_loop(tmp_path, trained):
   _, config, ema = trained
   workdir = fresh_workdir(tmp_path, trained)
-  result = evaluate.run_eval_bpd(config, workdir)
+  result = bpd.run_eval_bpd(config, workdir)
   T = config.diffusion.num_timesteps
   n = config.eval.num_examples
 
   with open(os.path.join(workdir, "eval", f"bpd_step{STEP}.json")) as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(result))
-  for key in ("step", "num_examples", "total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd",
-              "num_timesteps", "resumed_from_batch", "batches_computed", "split"):
+  for key in (
+      "step",
+      "num_examples",
+      "total_bpd",
+      "prior_bpd",
+      "decoder_bpd",
+      "kl_bpd",
+      "num_timesteps",
+      "resumed_from_batch",
+      "batches_computed",
+      "split",
+  ):
     assert key in written, key
   assert written["step"] == STEP and written["num_examples"] == n
   assert written["resumed_from_batch"] == 0 and written["batches_computed"] == 3
@@ -95,28 +112,31 @@ def test_eval_bpd_writes_the_bound_and_matches_calc_bpd_loop(tmp_path, trained):
   np.testing.assert_array_equal(terms["example_index"], np.arange(n))
   # Numpy recomputation of the summary from its parts.
   tot = terms["example_total_bpd"]
-  np.testing.assert_allclose(tot, terms["example_prior_bpd"] + terms["example_decoder_bpd"]
-                             + terms["example_kl_bpd"], rtol=1e-5)
+  np.testing.assert_allclose(
+      tot,
+      terms["example_prior_bpd"] + terms["example_decoder_bpd"] + terms["example_kl_bpd"],
+      rtol=1e-5,
+  )
   np.testing.assert_allclose(written["total_bpd"], tot.mean(), rtol=1e-12)
-  np.testing.assert_allclose(written["total_bpd"], terms["terms_bpd"].sum() + written["prior_bpd"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      written["total_bpd"], terms["terms_bpd"].sum() + written["prior_bpd"], rtol=1e-5
+  )
   np.testing.assert_allclose(written["decoder_bpd"], terms["terms_bpd"][0], rtol=1e-6)
   np.testing.assert_allclose(terms["rate_bpd"][-1], written["prior_bpd"], rtol=1e-6)
 
   # Independent computation: calc_bpd_loop on single examples with the documented keys,
   # including example 19, which sat in the padded last batch.
-  model = train.build_model(config)
-  diffusion = train.build_diffusion(config)
-  images = input_pipeline.scale_images(
-      input_pipeline.load_split_array(config.data, config.data.eval_split)[:n])
+  model = state_lib.build_model(config)
+  diffusion = state_lib.build_diffusion(config)
+  images = image_lib.scale_images(sources.load_split_array(config.data, config.data.eval_split)[:n])
 
   @jax.jit
   def direct(x, key):
-    model_fn = train.make_model_fn(model, ema, train=False)
+    model_fn = state_lib.make_model_fn(model, ema, train=False)
     return diffusion.calc_bpd_loop(model_fn, x, key, clip_denoised=True)
 
   for i in (0, 9, 19):
-    out = jax.device_get(direct(images[i:i + 1], evaluate.example_bpd_key(0, i)))
+    out = jax.device_get(direct(images[i : i + 1], bpd.example_bpd_key(0, i)))
     np.testing.assert_allclose(tot[i], out["total_bpd"][0], rtol=2e-5)
     np.testing.assert_allclose(terms["example_decoder_bpd"][i], out["terms_bpd"][0, 0], rtol=2e-5)
     np.testing.assert_allclose(terms["example_prior_bpd"][i], out["prior_bpd"][0], rtol=2e-5)
@@ -124,7 +144,7 @@ def test_eval_bpd_writes_the_bound_and_matches_calc_bpd_loop(tmp_path, trained):
   # The numbers do not depend on the batch size (keys are per example).
   config2 = small_config()
   config2.eval.batch_size = 16
-  again = evaluate.run_eval_bpd(config2, workdir)
+  again = bpd.run_eval_bpd(config2, workdir)
   assert again["num_batches"] == 2
   with np.load(os.path.join(workdir, "eval", f"bpd_step{STEP}_terms.npz")) as z:
     np.testing.assert_allclose(z["example_total_bpd"], tot, rtol=2e-5)
@@ -137,13 +157,14 @@ from absl import logging
 logging.set_verbosity(logging.INFO)
 sys.path.insert(0, {root!r})
 from tests import test_evaluate
-from ddpm_jax import evaluate
+from ddpm_jax.evaluation import bpd
 config = test_evaluate.small_config()
 config.eval.num_examples = {n}
-evaluate.run_eval_bpd(config, {workdir!r})
+bpd.run_eval_bpd(config, {workdir!r})
 """
 
 
+@pytest.mark.slow
 def test_eval_bpd_resumes_after_sigkill(tmp_path, trained):
   _, config, _ = trained
   workdir = fresh_workdir(tmp_path, trained)
@@ -151,10 +172,17 @@ def test_eval_bpd_resumes_after_sigkill(tmp_path, trained):
   config.eval.num_examples = n
   partial = os.path.join(workdir, "eval", f"bpd_step{STEP}_partial.npz")
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={jax.local_device_count()}")
-  proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT, n=n, workdir=workdir)],
-                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={jax.local_device_count()}"
+  )
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _CHILD.format(root=ROOT, n=n, workdir=workdir)],
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+  )
   done_at_kill = None
   deadline = time.time() + 240
   try:
@@ -179,7 +207,7 @@ def test_eval_bpd_resumes_after_sigkill(tmp_path, trained):
   assert 1 <= done < 12, done
   assert not os.path.exists(os.path.join(workdir, "eval", f"bpd_step{STEP}.json"))
 
-  resumed = evaluate.run_eval_bpd(config, workdir)
+  resumed = bpd.run_eval_bpd(config, workdir)
   assert resumed["resumed_from_batch"] == done
   assert resumed["batches_computed"] == 12 - done
   assert resumed["num_examples"] == n
@@ -187,42 +215,48 @@ def test_eval_bpd_resumes_after_sigkill(tmp_path, trained):
   with np.load(os.path.join(workdir, "eval", f"bpd_step{STEP}_terms.npz")) as z:
     resumed_terms = {k: z[k] for k in z.files}
 
-  fresh = evaluate.run_eval_bpd(config, workdir)  # uninterrupted (the partial is gone)
+  fresh = bpd.run_eval_bpd(config, workdir)  # uninterrupted (the partial is gone)
   assert fresh["resumed_from_batch"] == 0 and fresh["batches_computed"] == 12
   for key in ("total_bpd", "prior_bpd", "decoder_bpd", "kl_bpd"):
     np.testing.assert_allclose(resumed[key], fresh[key], rtol=1e-6, err_msg=key)
   with np.load(os.path.join(workdir, "eval", f"bpd_step{STEP}_terms.npz")) as z:
     np.testing.assert_array_equal(z["example_index"], resumed_terms["example_index"])
-    np.testing.assert_allclose(z["example_total_bpd"], resumed_terms["example_total_bpd"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        z["example_total_bpd"], resumed_terms["example_total_bpd"], rtol=1e-6
+    )
     np.testing.assert_allclose(z["terms_bpd"], resumed_terms["terms_bpd"], rtol=1e-6)
 
 
-def test_eval_bpd_without_checkpoint_is_a_clear_file_not_found(tmp_path):
-  with pytest.raises(FileNotFoundError, match="checkpoint"):
-    evaluate.run_eval_bpd(small_config(), str(tmp_path))
+def test_eval_bpd_without_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(errors.NoCheckpointError, match="checkpoint"):
+    bpd.run_eval_bpd(small_config(), str(tmp_path))
 
 
 # ----------------------------------------------------------------------------
 # FID / IS
 # ----------------------------------------------------------------------------
 
+
 def test_samples_drawn_another_way_get_another_file(tmp_path):
   config = test_config.get_config()
   config.sampling.seed = 1
-  assert generate.sample_tag(config, 10, 1000) == "step10_ancestral1000_seed1"
+  assert sample.sample_tag(config, 10, 1000) == "step10_ancestral1000_seed1"
   config.sampling.sampler, config.sampling.eta = "ddim", 0.5
   config.sampling.clip_denoised, config.sampling.seed = False, 3
-  assert generate.sample_tag(config, 10, 50) == "step10_ddim50_eta0.5_noclip_seed3"
+  assert sample.sample_tag(config, 10, 50) == "step10_ddim50_eta0.5_noclip_seed3"
   config.sampling.eta = 0.0
-  assert generate.sample_tag(config, 10, 50) == "step10_ddim50_eta0_noclip_seed3"
+  assert sample.sample_tag(config, 10, 50) == "step10_ddim50_eta0_noclip_seed3"
   # Two draws that differ only in eta: both files survive, each with its own settings.
   written = {}
   for eta in (0.0, 1.0):
     config.sampling.eta = eta
     images = np.full((2, 8, 8, 1), int(eta * 100), np.uint8)
-    npz, _ = generate.write_samples(str(tmp_path), images, generate.sample_tag(config, 10, 50),
-                                    generate.sampler_settings(config, 50))
+    npz, _ = sample.write_samples(
+        str(tmp_path),
+        images,
+        sample.sample_tag(config, 10, 50),
+        sample.sampler_settings(config, 50),
+    )
     written[eta] = npz
   assert written[0.0] != written[1.0]
   for eta, npz in written.items():
@@ -231,6 +265,7 @@ def test_samples_drawn_another_way_get_another_file(tmp_path):
       assert json.loads(str(z["settings"]))["eta"] == eta
 
 
+@pytest.mark.slow
 def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path, trained):
   _, config, _ = trained
   workdir = fresh_workdir(tmp_path, trained)
@@ -241,7 +276,7 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   sentinel = np.full((32, 8, 8, 1), 77, np.uint8)
   np.savez(os.path.join(chunk_dir, "call_000000.npz"), images=sentinel)
 
-  first = evaluate.run_eval_fid(config, workdir)
+  first = fid.run_eval_fid(config, workdir)
   path = os.path.join(workdir, "eval", f"fid_step{STEP}.json")
   with open(path) as f:
     written = json.load(f)
@@ -264,15 +299,20 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   mu, sigma = metrics.feature_statistics(feats)
   np.testing.assert_allclose(
       written["fid_train"],
-      metrics.frechet_distance(mu, sigma, *metrics.load_statistics(
-          written["reference_stats"]["train"])), rtol=1e-6)
+      metrics.frechet_distance(
+          mu, sigma, *metrics.load_statistics(written["reference_stats"]["train"])
+      ),
+      rtol=1e-6,
+  )
   np.testing.assert_allclose(
-      written["is_mean"], metrics.inception_score(digits_classifier.probs(samples), 10)[0],
-      rtol=1e-6)
+      written["is_mean"],
+      metrics.inception_score(digits_classifier.probs(samples), 10)[0],
+      rtol=1e-6,
+  )
 
   stats = [written["reference_stats"][s] for s in ("train", "test")]
   mtimes = [os.stat(p).st_mtime_ns for p in stats]
-  second = evaluate.run_eval_fid(config, workdir)
+  second = fid.run_eval_fid(config, workdir)
   assert second["reference_stats_computed"] == []
   assert second["samples_reused"] is True and second["samples_file"] == written["samples_file"]
   assert [os.stat(p).st_mtime_ns for p in stats] == mtimes
@@ -281,15 +321,20 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   # Samples drawn another way (here: without clipping) are not reused, and say how they were drawn.
   with np.load(written["samples_file"]) as z:
     assert json.loads(str(z["settings"])) == dict(
-        sampler="ancestral", num_timesteps=config.diffusion.num_timesteps, eta=0.0,
-        clip_denoised=True, seed=config.sampling.seed)
+        sampler="ancestral",
+        num_timesteps=config.diffusion.num_timesteps,
+        eta=0.0,
+        clip_denoised=True,
+        seed=config.sampling.seed,
+    )
   unclipped = copy.deepcopy(config)
   unclipped.sampling.clip_denoised = False
-  third = evaluate.run_eval_fid(unclipped, workdir)
+  third = fid.run_eval_fid(unclipped, workdir)
   assert third["samples_reused"] is False
   assert os.path.basename(third["samples_file"]) == (
       f"samples_step{STEP}_ancestral{config.diffusion.num_timesteps}_noclip"
-      f"_seed{config.sampling.seed}_fid64.npz")
+      f"_seed{config.sampling.seed}_fid64.npz"
+  )
   with np.load(third["samples_file"]) as z:
     assert json.loads(str(z["settings"]))["clip_denoised"] is False
   # ... and the clipped samples are still there, unchanged: nothing saved is lost.
@@ -302,43 +347,56 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
 def test_fid_of_real_heldout_digits_is_far_below_that_of_noise(tmp_path):
   config = small_config()
   path = str(tmp_path / "stats.npz")
-  extractor = evaluate.get_feature_extractor(config)
+  extractor = features.get_feature_extractor(config)
   assert extractor.name == "digits_mlp"
-  mu, sigma, n = evaluate.compute_reference_statistics(config, "train", path, extractor)
+  mu, sigma, n = fid.compute_reference_statistics(config, "train", path, extractor)
   assert n == 1500 and os.path.exists(path)
   mu2, sigma2 = metrics.load_statistics(path)
   np.testing.assert_allclose(mu2, mu)
-  heldout = input_pipeline.load_split_array(config.data, "test")
+  heldout = sources.load_split_array(config.data, "test")
   noise = np.random.default_rng(0).integers(0, 256, heldout.shape).astype(np.uint8)
-  fid_real = evaluate.fid_from_images(heldout, mu, sigma, extractor)
-  fid_noise = evaluate.fid_from_images(noise, mu, sigma, extractor)
+  fid_real = fid.fid_from_images(heldout, mu, sigma, extractor)
+  fid_noise = fid.fid_from_images(noise, mu, sigma, extractor)
   assert fid_real < 10.0, fid_real
   assert fid_noise > 10 * fid_real, (fid_real, fid_noise)
 
 
+@pytest.mark.slow
 def test_missing_inception_weights_fail_before_any_work(tmp_path, trained):
   config = small_config()
   config.data.dataset = "cifar10"
   config.data.channels = 3
   config.eval.inception_weights = str(tmp_path / "nope.npz")
-  with pytest.raises(FileNotFoundError, match="Inception FID weights not found"):
-    evaluate.run_eval_fid(config, str(tmp_path))
+  with pytest.raises(errors.WeightsNotFoundError, match="Inception FID weights not found"):
+    fid.run_eval_fid(config, str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "samples"))
 
 
+@pytest.mark.slow
 def test_stats_only_cli_writes_the_cached_statistics(tmp_path):
   stats_dir = str(tmp_path / "stats")
   proc = subprocess.run(
-      [sys.executable, "-m", "ddpm_jax.evaluate", f"--config={ROOT}/configs/test.py",
-       "--stats_only", f"--stats_dir={stats_dir}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "ddpm_jax.evaluation.fid",
+          f"--config={ROOT}/configs/test.py",
+          "--stats_only",
+          f"--stats_dir={stats_dir}",
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  paths = json.loads(proc.stdout[proc.stdout.index("{"):])
+  paths = json.loads(proc.stdout[proc.stdout.index("{") :])
   config = small_config()
-  assert paths == {s: evaluate.reference_statistics_path(config, s, stats_dir)
-                   for s in ("train", "test")}
+  assert paths == {
+      s: fid.reference_statistics_path(config, s, stats_dir) for s in ("train", "test")
+  }
   mu, sigma = metrics.load_statistics(paths["test"])
-  feats = digits_classifier.features(input_pipeline.load_split_array(config.data, "test"))
+  feats = digits_classifier.features(sources.load_split_array(config.data, "test"))
   np.testing.assert_allclose(mu, feats.mean(axis=0), rtol=1e-6, atol=1e-9)
   np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-6, atol=1e-9)
 
@@ -346,6 +404,7 @@ def test_stats_only_cli_writes_the_cached_statistics(tmp_path):
 # ----------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------
+
 
 def _toy_diffusion():
   return GaussianDiffusion(schedules.get_beta_schedule("linear", 20, 1e-3, 0.3))
@@ -370,19 +429,39 @@ def test_interpolation_uses_shared_noise_and_fixed_reverse_noise():
   assert float(jnp.abs(out[:, 0] - out[:, -1]).max()) > 1e-2
   # lambda = 0 is exactly the reverse process from x_t of the first image.
   eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 20), (4, 4, 1)))(
-      jax.vmap(lambda p: jax.random.fold_in(key, p))(jnp.arange(2)))
+      jax.vmap(lambda p: jax.random.fold_in(key, p))(jnp.arange(2))
+  )
   xt = d.q_sample(a, jnp.full((2,), 9), eps)
   pair_keys = jax.vmap(lambda p: jax.random.fold_in(key, p))(jnp.arange(2))
   noise_fn = lambda s: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, s), (4, 4, 1)))(
-      pair_keys)
-  ref = figures.reverse_from(d, _toy_model, xt, 9, noise_fn)
+      pair_keys
+  )
+  ref = np_ancestral_from(d, np.asarray(xt), 9, noise_fn)
   np.testing.assert_allclose(out[:, 0], ref, atol=1e-5)
+
+
+def np_ancestral_from(d, x, t_start, noise_fn):
+  """Algorithm 2 from x_t in float64 numpy (fixedlarge variance, x0 clipped), for _toy_model."""
+  betas = np.asarray(schedules.get_beta_schedule("linear", 20, 1e-3, 0.3), np.float64)
+  ac = np.cumprod(1 - betas)
+  ac_prev = np.append(1.0, ac[:-1])
+  var = np.append(betas[1] * (1 - ac[0]) / (1 - ac[1]), betas[1:])  # sigma_1^2 = beta~_1
+  for s in range(t_start, -1, -1):
+    t = jnp.full((x.shape[0],), s, jnp.int32)
+    eps = np.asarray(_toy_model(jnp.asarray(x, jnp.float32), t), np.float64)
+    x0 = np.clip((x - np.sqrt(1 - ac[s]) * eps) / np.sqrt(ac[s]), -1, 1)
+    mean = (betas[s] * np.sqrt(ac_prev[s]) * x0 + (1 - ac_prev[s]) * np.sqrt(1 - betas[s]) * x) / (
+        1 - ac[s]
+    )
+    x = mean + (s > 0) * np.sqrt(var[s]) * np.asarray(noise_fn(s), np.float64)
+  return x
 
 
 def test_progressive_generation_ends_at_the_sample():
   d = _toy_diffusion()
-  preds, ts, x0 = figures.progressive_generation(d, _toy_model, (3, 4, 4, 1),
-                                                 jax.random.PRNGKey(0), columns=4)
+  preds, ts, x0 = figures.progressive_generation(
+      d, _toy_model, (3, 4, 4, 1), jax.random.PRNGKey(0), columns=4
+  )
   assert list(np.asarray(ts)) == [19, 15, 10, 5, 0]
   assert preds.shape == (3, 5, 4, 4, 1)
   # At t = 0 the mean is the predicted x0 (fixedlarge) and no noise is added.
@@ -390,24 +469,25 @@ def test_progressive_generation_ends_at_the_sample():
   assert float(jnp.abs(preds[:, 0] - preds[:, -1]).max()) > 1e-3
 
 
+@pytest.mark.slow
 def test_run_figures_writes_pngs_of_the_expected_size(tmp_path, trained):
   _, config, _ = trained
   workdir = fresh_workdir(tmp_path, trained)
   config.eval.figure_rows = 2
-  out = evaluate.run_figures(config, workdir)
+  out = figures.run_figures(config, workdir)
   T = config.diffusion.num_timesteps
   assert out["progressive_timesteps"] == [T - 1] + list(range(T - 10, -1, -10))
   assert out["interp_t"] == T // 2 - 1
-  up = 32 // 8  # save_grid enlarges 8x8 tiles 4x
-  size = lambda rows, cols: ((cols * 9 + 1) * up, (rows * 9 + 1) * up)  # PIL: (width, height)
+  up = 32 // 8  # save_grid enlarges 8x8 tiles 4x, then separates them by 1-pixel lines
+  size = lambda rows, cols: (cols * 33 + 1, rows * 33 + 1)  # PIL: (width, height)
   prog = Image.open(os.path.join(workdir, "figures", f"progressive_step{STEP}.png"))
   assert prog.size == size(2, 11)
   interp = Image.open(os.path.join(workdir, "figures", f"interpolation_step{STEP}.png"))
   assert interp.size == size(2, 13)
   # The first and last columns are the source images x0 and x0'.
-  grid = np.asarray(interp)[::up, ::up]
-  sources = input_pipeline.load_split_array(config.data, config.data.eval_split)[:4, ..., 0]
-  tile = lambda r, c: grid[1 + r * 9:1 + r * 9 + 8, 1 + c * 9:1 + c * 9 + 8]
-  np.testing.assert_array_equal(tile(0, 0), sources[0])
-  np.testing.assert_array_equal(tile(0, 12), sources[1])
-  np.testing.assert_array_equal(tile(1, 0), sources[2])
+  grid = np.asarray(interp)
+  real = sources.load_split_array(config.data, config.data.eval_split)[:4, ..., 0]
+  tile = lambda r, c: grid[1 + r * 33 : 1 + r * 33 + 32 : up, 1 + c * 33 : 1 + c * 33 + 32 : up]
+  np.testing.assert_array_equal(tile(0, 0), real[0])
+  np.testing.assert_array_equal(tile(0, 12), real[1])
+  np.testing.assert_array_equal(tile(1, 0), real[2])

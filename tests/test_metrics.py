@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ddpm_jax import digits_classifier, metrics
+from ddpm_jax.evaluation import digits_classifier, metrics
 from ddpm_jax.models import inception
 
 
@@ -80,7 +80,12 @@ def test_frechet_distance_retries_with_eps_when_sqrtm_fails(monkeypatch):
   off = eps * np.eye(5)
   np.testing.assert_allclose(calls[1], (s1 + off) @ (s2 + off))
   diff = mu1 - mu2
-  expected = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(scipy.linalg.sqrtm(calls[1])))
+  expected = (
+      diff @ diff
+      + np.trace(s1)
+      + np.trace(s2)
+      - 2 * np.trace(np.real(scipy.linalg.sqrtm(calls[1])))
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-8)
 
 
@@ -124,7 +129,10 @@ def test_inception_score_hand_computation():
   # Two splits: the second, [[.2, .8], [.6, .4]], has p(y) = [.4, .6].
   more = np.array([[0.2, 0.8], [0.6, 0.4]])
   kl = 0.5 * (
-      0.2 * np.log(0.2 / 0.4) + 0.8 * np.log(0.8 / 0.6) + 0.6 * np.log(0.6 / 0.4) + 0.4 * np.log(0.4 / 0.6)
+      0.2 * np.log(0.2 / 0.4)
+      + 0.8 * np.log(0.8 / 0.6)
+      + 0.6 * np.log(0.6 / 0.4)
+      + 0.4 * np.log(0.4 / 0.6)
   )
   scores = np.array([(4 / 3) ** 0.75, np.exp(kl)])
   mean, std = metrics.inception_score(np.concatenate([probs, more]), num_splits=2)
@@ -258,7 +266,9 @@ def test_inception_forward_random_init(random_variables):
   assert np.all(np.isfinite(pool3)) and np.all(np.isfinite(logits))
   assert np.all(np.asarray(pool3) >= 0)  # mean of ReLU outputs
   fc = random_variables["params"]["fc"]
-  np.testing.assert_allclose(logits, np.asarray(pool3) @ fc["kernel"] + fc["bias"], rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(
+      logits, np.asarray(pool3) @ fc["kernel"] + fc["bias"], rtol=1e-4, atol=1e-3
+  )
 
   # Without resizing any size >= 75x75 goes through; smaller is refused.
   small = inception.InceptionV3(resize_input=False)
@@ -293,11 +303,18 @@ def _as_pytorch_fid_state_dict(variables):
     collection, *layer, leaf = path
     value = np.asarray(value)
     if collection == "params" and layer == ["fc"]:
-      sd["fc." + ("weight" if leaf == "kernel" else "bias")] = value.T if leaf == "kernel" else value
+      sd["fc." + ("weight" if leaf == "kernel" else "bias")] = (
+          value.T if leaf == "kernel" else value
+      )
     elif leaf == "kernel":
       sd[".".join(layer) + ".weight"] = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
     else:
-      torch_leaf = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}[leaf]
+      torch_leaf = {
+          "scale": "weight",
+          "bias": "bias",
+          "mean": "running_mean",
+          "var": "running_var",
+      }[leaf]
       sd[".".join(layer) + "." + torch_leaf] = value
       if leaf == "mean":
         sd[".".join(layer) + ".num_batches_tracked"] = np.array(0)
@@ -367,11 +384,13 @@ def test_avg_pool_excludes_padding_and_max_pool_pads_with_minus_inf():
   x = np.random.default_rng(2).normal(size=(1, 5, 6, 2)).astype(np.float32)
   padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   counts = np.pad(np.ones_like(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
-  windows = lambda a: sum(a[:, i:i + 5, j:j + 6] for i in range(3) for j in range(3))
-  np.testing.assert_allclose(inception._avg_pool_3x3_same(jnp.asarray(x)), windows(padded) / windows(counts), rtol=1e-5)
+  windows = lambda a: sum(a[:, i : i + 5, j : j + 6] for i in range(3) for j in range(3))
+  np.testing.assert_allclose(
+      inception._avg_pool_3x3_same(jnp.asarray(x)), windows(padded) / windows(counts), rtol=1e-5
+  )
   neg = -np.abs(x) - 1.0  # all negative: zero padding would leak into the max
   neg_padded = np.pad(neg, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
-  ref = np.max([neg_padded[:, i:i + 5, j:j + 6] for i in range(3) for j in range(3)], axis=0)
+  ref = np.max([neg_padded[:, i : i + 5, j : j + 6] for i in range(3) for j in range(3)], axis=0)
   np.testing.assert_allclose(inception._max_pool_3x3_same(jnp.asarray(neg)), ref)
 
 
@@ -411,8 +430,12 @@ def test_digits_fid_and_inception_score():
   held, _ = digits_classifier.load_digits_images("heldout")
   noise = np.random.default_rng(0).integers(0, 256, held.shape, dtype=np.uint8)
   ref = metrics.feature_statistics(digits_classifier.features(train))
-  fid_real = metrics.frechet_distance(*metrics.feature_statistics(digits_classifier.features(held)), *ref)
-  fid_noise = metrics.frechet_distance(*metrics.feature_statistics(digits_classifier.features(noise)), *ref)
+  fid_real = metrics.frechet_distance(
+      *metrics.feature_statistics(digits_classifier.features(held)), *ref
+  )
+  fid_noise = metrics.frechet_distance(
+      *metrics.feature_statistics(digits_classifier.features(noise)), *ref
+  )
   is_real, is_real_std = metrics.inception_score(digits_classifier.probs(held), num_splits=1)
   is_real10, is_real10_std = metrics.inception_score(digits_classifier.probs(held), num_splits=10)
   is_noise, _ = metrics.inception_score(digits_classifier.probs(noise), num_splits=1)
@@ -426,9 +449,13 @@ def test_digits_fid_and_inception_score():
   # Samples of a Gaussian fitted to the training pixels (right mean and covariance,
   # no digit shapes) must score clearly worse than real digits (measured 21.8 vs 8.9).
   flat = train.reshape(len(train), -1).astype(np.float64)
-  gauss = np.random.default_rng(1).multivariate_normal(flat.mean(0), np.cov(flat, rowvar=False), 1000)
+  gauss = np.random.default_rng(1).multivariate_normal(
+      flat.mean(0), np.cov(flat, rowvar=False), 1000
+  )
   gauss = np.clip(np.round(gauss), 0, 255).astype(np.uint8).reshape(-1, 8, 8, 1)
-  fid_gauss = metrics.frechet_distance(*metrics.feature_statistics(digits_classifier.features(gauss)), *ref)
+  fid_gauss = metrics.frechet_distance(
+      *metrics.feature_statistics(digits_classifier.features(gauss)), *ref
+  )
   assert fid_gauss > 2 * fid_real, (fid_gauss, fid_real)
   assert 8.0 < is_real <= 10.0
   assert is_noise < is_real - 3

@@ -23,21 +23,22 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from ddpm_jax import checkpoint, train
+from ddpm_jax.training import checkpoint
+from ddpm_jax.training import state as state_lib
 
-# After a failed checkpoint read, tensorstore completes futures on an asyncio loop orbax
-# has already closed ("Event loop is closed", unraisable): noise, silenced by main.py.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.slow  # every test here runs main.py in subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 # Shared with tests/test_errors.py; entries are keyed by the program and the flags.
 COMPILE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's cache (conftest.py)
 # The session's XLA_FLAGS (conftest.py: the optimisation level) and two devices.
-ENV = {"XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
-       "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+ENV = {
+    "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
+    "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
 
 
 def complete_steps(workdir):
@@ -47,17 +48,28 @@ def complete_steps(workdir):
 
 
 def _cmd(workdir, *args):
-  return [sys.executable, os.path.join(ROOT, "main.py"), "--config",
-          os.path.join(ROOT, "configs/test.py"), f"--workdir={workdir}",
-          f"--config.training.num_train_steps={STEPS}", *args]
+  return [
+      sys.executable,
+      os.path.join(ROOT, "main.py"),
+      "--config",
+      os.path.join(ROOT, "configs/test.py"),
+      f"--workdir={workdir}",
+      f"--config.training.num_train_steps={STEPS}",
+      *args,
+  ]
 
 
 def _start(workdir, *args):
   """Starts main.py with stdout and stderr going to ``workdir``.log; returns (proc, log path)."""
   log = f"{workdir}.log"
   with open(log, "w") as f:
-    proc = subprocess.Popen(_cmd(workdir, *args), cwd=ROOT, env={**os.environ, **ENV},
-                            stdout=f, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        _cmd(workdir, *args),
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        stdout=f,
+        stderr=subprocess.STDOUT,
+    )
   return proc, log
 
 
@@ -80,7 +92,9 @@ def _wait_for_line(proc, log, pattern, timeout=300):
     m = re.search(pattern, _read(log))
     if m:
       return m
-    assert proc.poll() is None, f"ended (rc {proc.returncode}) before {pattern!r}:\n" + _read(log)[-3000:]
+    assert proc.poll() is None, (
+        f"ended (rc {proc.returncode}) before {pattern!r}:\n" + _read(log)[-3000:]
+    )
     time.sleep(0.005)
   proc.kill()
   raise AssertionError(f"no {pattern!r} within {timeout} s:\n" + _read(log)[-3000:])
@@ -96,8 +110,8 @@ _TARGET = {}
 def _target():
   if not _TARGET:
     config = test_config.get_config()
-    model, tx = train.build_model(config), train.create_optimizer(config.optim)
-    _TARGET["state"] = jax.device_get(train.create_train_state(config, model, tx))
+    model, tx = state_lib.build_model(config), state_lib.create_optimizer(config.optim)
+    _TARGET["state"] = jax.device_get(state_lib.create_train_state(config, model, tx))
   return _TARGET["state"]
 
 
@@ -109,16 +123,28 @@ def load(workdir, step=None):
     state = checkpoint.restore_train_state(manager, _target(), config)
     return None if state is None else jax.device_get(state)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
   t = _target()
-  out = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract({"step": t.step, "params": t.params,
-                                               "opt_state": t.opt_state, "rng": t.rng})),
-      ema_params=ocp.args.StandardRestore(abstract(t.ema_params))))
+  out = manager.restore(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(
+              abstract({"step": t.step, "params": t.params, "opt_state": t.opt_state, "rng": t.rng})
+          ),
+          ema_params=ocp.args.StandardRestore(abstract(t.ema_params)),
+      ),
+  )
   core = out["state"]
-  return jax.device_get(train.TrainState(step=core["step"], params=core["params"],
-                                         ema_params=out["ema_params"],
-                                         opt_state=core["opt_state"], rng=core["rng"]))
+  return jax.device_get(
+      state_lib.TrainState(
+          step=core["step"],
+          params=core["params"],
+          ema_params=out["ema_params"],
+          opt_state=core["opt_state"],
+          rng=core["rng"],
+      )
+  )
 
 
 def assert_states_equal(a, b):
@@ -132,8 +158,10 @@ def assert_states_equal(a, b):
 
 
 def tree_equal(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(
+      np.array_equal(np.asarray(x), np.asarray(y))
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def all_finite(tree):
@@ -144,8 +172,12 @@ def all_finite(tree):
 def reference(tmp_path_factory):
   """The uninterrupted run: STEPS steps, a checkpoint after every one, all kept."""
   workdir = str(tmp_path_factory.mktemp("reference") / "run")
-  rc, out = _run(workdir, "--config.training.checkpoint_every_steps=1",
-                 "--config.training.keep_checkpoints=100", "--config.training.log_every_steps=1")
+  rc, out = _run(
+      workdir,
+      "--config.training.checkpoint_every_steps=1",
+      "--config.training.keep_checkpoints=100",
+      "--config.training.log_every_steps=1",
+  )
   assert rc == 0, out[-3000:]
   assert complete_steps(workdir) == list(range(1, STEPS + 1))
   final = load(workdir)
@@ -156,6 +188,7 @@ def reference(tmp_path_factory):
 # ----------------------------------------------------------------------------
 # Preemption (SIGTERM) and kills (SIGKILL)
 # ----------------------------------------------------------------------------
+
 
 def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(tmp_path, reference):
   ref_dir, ref_final = reference
@@ -193,13 +226,18 @@ def test_sigkill_during_a_checkpoint_write_then_resume_bitwise(tmp_path, referen
   workdir = str(tmp_path / "run")
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   # keep_checkpoints=2: old checkpoints are being deleted too while it is killed.
-  args = ("--config.training.checkpoint_every_steps=1", "--config.training.keep_checkpoints=2",
-          "--config.training.log_every_steps=1")
+  args = (
+      "--config.training.checkpoint_every_steps=1",
+      "--config.training.keep_checkpoints=2",
+      "--config.training.log_every_steps=1",
+  )
   proc, log = _start(workdir, *args)
   seen = set()
   deadline = time.time() + 300
   while len(seen) < k:
-    assert proc.poll() is None, f"ended before the kill (rc {proc.returncode}):\n" + _read(log)[-3000:]
+    assert proc.poll() is None, (
+        f"ended before the kill (rc {proc.returncode}):\n" + _read(log)[-3000:]
+    )
     assert time.time() < deadline, _read(log)[-3000:]
     try:
       seen.update(n.split(".")[0] for n in os.listdir(ckpt_dir) if ".orbax-checkpoint-tmp" in n)
@@ -219,8 +257,10 @@ def test_sigkill_during_a_checkpoint_write_then_resume_bitwise(tmp_path, referen
     fake = os.path.join(ckpt_dir, f"{newest + 1}.orbax-checkpoint-tmp-0")
     shutil.copytree(os.path.join(ckpt_dir, str(newest), "state"), os.path.join(fake, "state"))
     unfinished.append(os.path.basename(fake))
-  print(f"seed {KILL_SEED}: killed during write #{k} (+{delay * 1e3:.1f} ms); complete "
-        f"{complete}, unfinished {unfinished}")
+  print(
+      f"seed {KILL_SEED}: killed during write #{k} (+{delay * 1e3:.1f} ms); complete "
+      f"{complete}, unfinished {unfinished}"
+  )
 
   rc, out = _run(workdir, *args)
   assert rc == 0, out[-3000:]
@@ -234,6 +274,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_bitwise(tmp_path, referen
 # ----------------------------------------------------------------------------
 # Damaged checkpoints
 # ----------------------------------------------------------------------------
+
 
 def _data_files(step_dir, item):
   files = glob.glob(os.path.join(step_dir, item, "ocdbt.process_0", "d", "*"))
@@ -293,11 +334,16 @@ def test_resume_over_a_damaged_checkpoint_replays_to_the_same_state(tmp_path, re
   shutil.copytree(ref_dir, workdir)
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   CORRUPTIONS["params_bits_flipped"](os.path.join(ckpt_dir, str(STEPS)))
-  rc, out = _run(workdir, "--config.training.checkpoint_every_steps=1",
-                 "--config.training.keep_checkpoints=100")
+  rc, out = _run(
+      workdir,
+      "--config.training.checkpoint_every_steps=1",
+      "--config.training.keep_checkpoints=100",
+  )
   assert rc == 0, out[-3000:]
-  assert (f"Checkpoint at step {STEPS} could not be read (CorruptCheckpointError: state fails "
-          "its checksum") in out
+  assert (
+      f"Checkpoint at step {STEPS} could not be read (CorruptCheckpointError: state fails "
+      "its checksum"
+  ) in out
   aside = os.path.join(workdir, "checkpoints.unreadable", str(STEPS))
   assert f"moved the unreadable checkpoint of step {STEPS} to {aside}" in out
   assert f"Resumed from the checkpoint at step {STEPS - 1} " in out
@@ -330,7 +376,8 @@ def test_nan_policy_stop_exits_1_naming_the_step_and_the_intact_checkpoint(tmp_p
   assert _error_lines(out) == [
       "error: stopped at step 6 after 1 non-finite step(s) in a row "
       "(training.nan_policy='stop', training.max_consecutive_nonfinite=10); "
-      f"the last good checkpoint, step 4 in {ckpt_dir}, is intact"]
+      f"the last good checkpoint, step 4 in {ckpt_dir}, is intact"
+  ]
   assert "Non-finite loss or gradients at step 6 " in out
   assert "Traceback" not in out
   assert complete_steps(workdir) == [2, 4]
@@ -342,12 +389,18 @@ def test_nan_policy_stop_exits_1_naming_the_step_and_the_intact_checkpoint(tmp_p
 def test_nan_policy_skip_drops_the_update_and_finishes(tmp_path, reference):
   ref_dir, _ = reference
   workdir = str(tmp_path / "run")
-  rc, out = _run(workdir, *POISON, "--config.training.nan_policy=skip",
-                 "--config.training.checkpoint_every_steps=1",
-                 "--config.training.keep_checkpoints=100")
+  rc, out = _run(
+      workdir,
+      *POISON,
+      "--config.training.nan_policy=skip",
+      "--config.training.checkpoint_every_steps=1",
+      "--config.training.keep_checkpoints=100",
+  )
   assert rc == 0, out[-3000:]
-  assert re.search(r"Non-finite loss or gradients at step 6 \(loss nan, grad norm nan\): "
-                   r"update skipped\.", out), out[-3000:]
+  assert re.search(
+      r"Non-finite loss or gradients at step 6 \(loss nan, grad norm nan\): " r"update skipped\.",
+      out,
+  ), out[-3000:]
   assert len(re.findall("Non-finite loss", out)) == 1
   before, skipped, after = load(workdir, 5), load(workdir, 6), load(workdir, 7)
   assert_states_equal(before, load(ref_dir, 5))  # untouched up to the poisoned batch
@@ -361,12 +414,17 @@ def test_nan_policy_skip_drops_the_update_and_finishes(tmp_path, reference):
 
 def test_nan_policy_skip_stops_after_max_consecutive_nonfinite(tmp_path):
   workdir = str(tmp_path / "run")
-  rc, out = _run(workdir, *POISON, "--config.training.nan_policy=skip",
-                 "--config.training.max_consecutive_nonfinite=1")
+  rc, out = _run(
+      workdir,
+      *POISON,
+      "--config.training.nan_policy=skip",
+      "--config.training.max_consecutive_nonfinite=1",
+  )
   assert rc == 1, out[-3000:]
   assert _error_lines(out) == [
       "error: stopped at step 6 after 1 non-finite step(s) in a row "
       "(training.nan_policy='skip', training.max_consecutive_nonfinite=1); "
-      f"the last good checkpoint, step 4 in {checkpoint.checkpoint_dir(workdir)}, is intact"]
+      f"the last good checkpoint, step 4 in {checkpoint.checkpoint_dir(workdir)}, is intact"
+  ]
   assert "Traceback" not in out
   assert all_finite(load(workdir).params)

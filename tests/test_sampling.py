@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import sampling, schedules
-from ddpm_jax.diffusion import GaussianDiffusion, respaced
+from ddpm_jax.diffusion import samplers as sampling
+from ddpm_jax.diffusion import schedules
+from ddpm_jax.diffusion.gaussian import GaussianDiffusion, respaced
 
 BETAS = schedules.get_beta_schedule("linear", 1000)
 AC = np.cumprod(1.0 - BETAS)
@@ -27,7 +28,8 @@ def gaussian_oracle(trace_counter=None):
     if trace_counter is not None:
       trace_counter.append(1)  # runs once per trace, not per step
     a = ac[t].reshape((-1,) + (1,) * (x_t.ndim - 1))
-    return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * M) / (a * S ** 2 + 1 - a)
+    return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * M) / (a * S**2 + 1 - a)
+
   return model_fn
 
 
@@ -46,8 +48,11 @@ def _check_moments(x, tol_scale=1.0):
 @pytest.mark.parametrize("var_type", ["fixedlarge", "fixedsmall"])
 def test_ancestral_sampling_recovers_the_data_distribution(var_type):
   d = GaussianDiffusion(BETAS, model_var_type=var_type)
-  sample = jax.jit(lambda key: sampling.ancestral_sample_loop(
-      d, gaussian_oracle(), SHAPE, key, clip_denoised=False))
+  sample = jax.jit(
+      lambda key: sampling.ancestral_sample_loop(
+          d, gaussian_oracle(), SHAPE, key, clip_denoised=False
+      )
+  )
   _check_moments(sample(jax.random.PRNGKey(0)))
 
 
@@ -63,36 +68,45 @@ def test_sampler_traces_the_network_once_whatever_T():
   for T in (10, 1000):
     d = GaussianDiffusion(schedules.get_beta_schedule("linear", T))
     calls = []
-    jax.jit(lambda key: sampling.ancestral_sample_loop(
-        d, gaussian_oracle(calls), (2, 1, 1, 1), key))(jax.random.PRNGKey(0)).block_until_ready()
+    jax.jit(
+        lambda key: sampling.ancestral_sample_loop(d, gaussian_oracle(calls), (2, 1, 1, 1), key)
+    )(jax.random.PRNGKey(0)).block_until_ready()
     assert len(calls) == 1, (T, len(calls))
     calls.clear()
-    jax.jit(lambda key: sampling.ancestral_sample_loop(
-        d, gaussian_oracle(calls), (2, 1, 1, 1), key, return_every=T // 5))(jax.random.PRNGKey(0))
+    jax.jit(
+        lambda key: sampling.ancestral_sample_loop(
+            d, gaussian_oracle(calls), (2, 1, 1, 1), key, return_every=T // 5
+        )
+    )(jax.random.PRNGKey(0))
     assert len(calls) == 1
 
 
 def test_trajectory_every_k_steps():
   d = GaussianDiffusion(BETAS)
-  x, traj = sampling.ancestral_sample_loop(d, gaussian_oracle(), (3, 2, 2, 1), jax.random.PRNGKey(3),
-                                           return_every=100)
+  x, traj = sampling.ancestral_sample_loop(
+      d, gaussian_oracle(), (3, 2, 2, 1), jax.random.PRNGKey(3), return_every=100
+  )
   assert traj["x_t"].shape == (10, 3, 2, 2, 1) and traj["pred_xstart"].shape == (10, 3, 2, 2, 1)
   np.testing.assert_array_equal(traj["t"], np.arange(900, -1, -100))
   np.testing.assert_array_equal(traj["x_t"][-1], x)
   # The same key without the trajectory gives the same sample.
   np.testing.assert_allclose(
-      sampling.ancestral_sample_loop(d, gaussian_oracle(), (3, 2, 2, 1), jax.random.PRNGKey(3)), x,
-      atol=1e-6)
+      sampling.ancestral_sample_loop(d, gaussian_oracle(), (3, 2, 2, 1), jax.random.PRNGKey(3)),
+      x,
+      atol=1e-6,
+  )
   with pytest.raises(ValueError, match="return_every"):
-    sampling.ancestral_sample_loop(d, gaussian_oracle(), (1, 1, 1, 1), jax.random.PRNGKey(0),
-                                   return_every=300)
+    sampling.ancestral_sample_loop(
+        d, gaussian_oracle(), (1, 1, 1, 1), jax.random.PRNGKey(0), return_every=300
+    )
 
 
 def test_respacing_every_step_is_the_original_sampler():
   d = GaussianDiffusion(BETAS)
   r = respaced(BETAS, range(1000))
-  f = lambda diff: sampling.ancestral_sample_loop(diff, gaussian_oracle(), (8, 1, 1, 1),
-                                                  jax.random.PRNGKey(4), clip_denoised=False)
+  f = lambda diff: sampling.ancestral_sample_loop(
+      diff, gaussian_oracle(), (8, 1, 1, 1), jax.random.PRNGKey(4), clip_denoised=False
+  )
   np.testing.assert_allclose(np.asarray(f(r)), np.asarray(f(d)), atol=1e-5)
 
 
@@ -108,8 +122,9 @@ def test_respaced_ancestral_sampling_is_close_to_the_data_distribution():
   d = respaced(BETAS, kept, model_var_type="fixedsmall")
   assert d.num_timesteps == 100
   np.testing.assert_allclose(np.asarray(d.alphas_cumprod), AC[kept], rtol=1e-5)
-  x = jax.jit(lambda k: sampling.ancestral_sample_loop(d, gaussian_oracle(), SHAPE, k,
-                                                       clip_denoised=False))(jax.random.PRNGKey(4))
+  x = jax.jit(
+      lambda k: sampling.ancestral_sample_loop(d, gaussian_oracle(), SHAPE, k, clip_denoised=False)
+  )(jax.random.PRNGKey(4))
   _check_discretised(x, rel=0.08)  # measured: std 0.472 for S = 0.5 at 100 steps
 
 
@@ -118,8 +133,11 @@ def test_ddim_eta0_is_deterministic_and_follows_the_ode():
   results = {}
   for spec in ("ddim1000", "ddim50"):
     d = respaced(BETAS, schedules.space_timesteps(1000, spec))
-    f = jax.jit(lambda key: sampling.ddim_sample_loop(d, gaussian_oracle(), SHAPE, key, eta=0.0,
-                                                      clip_denoised=False, noise=noise))
+    f = jax.jit(
+        lambda key: sampling.ddim_sample_loop(
+            d, gaussian_oracle(), SHAPE, key, eta=0.0, clip_denoised=False, noise=noise
+        )
+    )
     a, b = f(jax.random.PRNGKey(6)), f(jax.random.PRNGKey(7))
     np.testing.assert_array_equal(a, b)  # no noise is drawn at eta = 0
     results[spec] = np.asarray(a)
@@ -130,8 +148,11 @@ def test_ddim_eta0_is_deterministic_and_follows_the_ode():
 
 def test_ddim_eta1_is_stochastic_and_matches_the_data_distribution():
   d = respaced(BETAS, schedules.space_timesteps(1000, "ddim250"))
-  f = jax.jit(lambda key: sampling.ddim_sample_loop(d, gaussian_oracle(), SHAPE, key, eta=1.0,
-                                                    clip_denoised=False))
+  f = jax.jit(
+      lambda key: sampling.ddim_sample_loop(
+          d, gaussian_oracle(), SHAPE, key, eta=1.0, clip_denoised=False
+      )
+  )
   a, b = f(jax.random.PRNGKey(8)), f(jax.random.PRNGKey(9))
   assert float(jnp.abs(a - b).max()) > 0.1
   _check_discretised(a, rel=0.05)
@@ -143,8 +164,9 @@ def test_ddim_inversion_round_trip():
   x_T = jax.jit(lambda x: sampling.ddim_reverse_loop(d, gaussian_oracle(), x))(x0)
   # The encoding is the ODE's affine map run backwards: x_T = (x0 - M) / S.
   np.testing.assert_allclose(np.asarray(x_T), (np.asarray(x0) - M) / S, atol=3e-2)
-  back = sampling.ddim_sample_loop(d, gaussian_oracle(), x0.shape, jax.random.PRNGKey(0),
-                                   eta=0.0, clip_denoised=False, noise=x_T)
+  back = sampling.ddim_sample_loop(
+      d, gaussian_oracle(), x0.shape, jax.random.PRNGKey(0), eta=0.0, clip_denoised=False, noise=x_T
+  )
   np.testing.assert_allclose(np.asarray(back), np.asarray(x0), atol=5e-3)
 
 
@@ -158,8 +180,9 @@ def test_sampler_program_does_not_grow_with_the_number_of_steps(loop):
     d = GaussianDiffusion(schedules.get_beta_schedule("linear", T))
     traced = []
     oracle = gaussian_oracle(traced)
-    sample_loop = {"ancestral": sampling.ancestral_sample_loop,
-                   "ddim": sampling.ddim_sample_loop}[loop]
+    sample_loop = {"ancestral": sampling.ancestral_sample_loop, "ddim": sampling.ddim_sample_loop}[
+        loop
+    ]
     fn = functools.partial(sample_loop, d, oracle, (4, 2, 2, 1))
     hlo = jax.jit(fn).lower(jax.random.PRNGKey(0)).compile().as_text()
     assert len(traced) == 1, (T, len(traced))

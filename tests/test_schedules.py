@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from ddpm_jax import schedules
-from ddpm_jax.diffusion import GaussianDiffusion
+from ddpm_jax.diffusion import schedules
+from ddpm_jax.diffusion.gaussian import GaussianDiffusion
 
 
 def test_linear_alphas_cumprod_known_values():
@@ -23,14 +23,18 @@ def test_each_schedule_against_its_definition():
   T = 1000
   quad = schedules.get_beta_schedule("quad", T, 1e-4, 0.02)
   root = np.sqrt(quad)
-  np.testing.assert_allclose(np.diff(root), (math.sqrt(0.02) - math.sqrt(1e-4)) / (T - 1), rtol=1e-9)
+  np.testing.assert_allclose(
+      np.diff(root), (math.sqrt(0.02) - math.sqrt(1e-4)) / (T - 1), rtol=1e-9
+  )
   np.testing.assert_allclose(schedules.get_beta_schedule("const", T, 1e-4, 0.02), 0.02)
   jsd = schedules.get_beta_schedule("jsd", T)
   np.testing.assert_allclose(jsd, [1.0 / (T - i) for i in range(T)], rtol=1e-12)
   for name, frac in (("warmup10", 0.1), ("warmup50", 0.5)):
     b = schedules.get_beta_schedule(name, T, 1e-4, 0.02)
     n = int(T * frac)
-    np.testing.assert_allclose(b[:n], [1e-4 + (0.02 - 1e-4) * i / (n - 1) for i in range(n)], rtol=1e-9)
+    np.testing.assert_allclose(
+        b[:n], [1e-4 + (0.02 - 1e-4) * i / (n - 1) for i in range(n)], rtol=1e-9
+    )
     np.testing.assert_allclose(b[n:], 0.02)
   cos = schedules.get_beta_schedule("cosine", T)
   assert cos.max() <= 0.999 and cos[-1] == 0.999
@@ -41,12 +45,15 @@ def test_each_schedule_against_its_definition():
     np.testing.assert_allclose(ac[t], f((t + 1) / T) / f(0.0), rtol=1e-9)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(name="linearr"), "beta_schedule"),
-    (dict(name="linear", num_timesteps=0), "num_timesteps"),
-    (dict(name="linear", beta_start=0.0), "beta_start"),
-    (dict(name="linear", beta_end=1.5), "beta_end"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(name="linearr"), "beta_schedule"),
+        (dict(name="linear", num_timesteps=0), "num_timesteps"),
+        (dict(name="linear", beta_start=0.0), "beta_start"),
+        (dict(name="linear", beta_end=1.5), "beta_end"),
+    ],
+)
 def test_bad_schedule_arguments_name_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     schedules.get_beta_schedule(**kwargs)
@@ -67,7 +74,8 @@ def test_tables_match_float64_reference():
     coef1.append(beta * math.sqrt(prev) / (1.0 - prod))
     coef2.append((1.0 - prev) * math.sqrt(1.0 - beta) / (1.0 - prod))
   ref = dict(
-      alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
+      alphas_cumprod=ac,
+      alphas_cumprod_prev=ac_prev,
       sqrt_alphas_cumprod=[math.sqrt(a) for a in ac],
       sqrt_one_minus_alphas_cumprod=[math.sqrt(1 - a) for a in ac],
       log_one_minus_alphas_cumprod=[math.log(1 - a) for a in ac],
@@ -75,7 +83,8 @@ def test_tables_match_float64_reference():
       sqrt_recipm1_alphas_cumprod=[math.sqrt(1 / a - 1) for a in ac],
       posterior_variance=post_var,
       posterior_log_variance_clipped=[math.log(post_var[1])] + [math.log(v) for v in post_var[1:]],
-      posterior_mean_coef1=coef1, posterior_mean_coef2=coef2,
+      posterior_mean_coef1=coef1,
+      posterior_mean_coef2=coef2,
       fixedlarge_variance=[post_var[1]] + betas[1:].tolist(),
   )
   for name, values in ref.items():

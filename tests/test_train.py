@@ -1,6 +1,7 @@
 """The training program: device-count independence, EMA, warm-up, clipping, resume, sampling."""
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -13,9 +14,26 @@ import optax
 import pytest
 
 from configs import test as test_config
-from ddpm_jax import checkpoint, input_pipeline, train
+from ddpm_jax import images as image_lib
+from ddpm_jax.data import order, pipeline, sources
+from ddpm_jax.training import checkpoint, loop
+from ddpm_jax.training import state as state_lib
+from ddpm_jax.training import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+_REFERENCE = {}
+
+
+def reference_run():
+  """configs/test.py for 4 steps on 2 devices: (host states after each call, metrics per step).
+
+  Computed once and shared by the tests that compare against it.
+  """
+  if not _REFERENCE:
+    _REFERENCE["run"] = run_steps(test_config.get_config(), jax.local_devices()[:2], 4)
+  return _REFERENCE["run"]
 
 
 def run_steps(config, devices, num_steps):
@@ -24,22 +42,34 @@ def run_steps(config, devices, num_steps):
   Returns the host states after each call and the metrics of each step.
   """
   n = config.training.steps_per_call
-  model = train.build_model(config)
-  diffusion = train.build_diffusion(config)
-  tx = train.create_optimizer(config.optim)
-  state = train.create_train_state(config, model, tx)
-  p_state = train.replicate(state, devices)
-  p_step = train.make_p_train_step(model, diffusion, tx, config, devices=devices)
-  images = input_pipeline.load_split_array(config.data, "train")
+  model = state_lib.build_model(config)
+  diffusion = state_lib.build_diffusion(config)
+  tx = state_lib.create_optimizer(config.optim)
+  state = state_lib.create_train_state(config, model, tx)
+  p_state = state_lib.replicate(state, devices)
+  p_step = step_lib.make_p_train_step(model, diffusion, tx, config, devices=devices)
+  images = sources.load_split_array(config.data, "train")
   states, metrics = [jax.device_get(state)], []
   for first in range(0, num_steps, n):
-    batch = np.stack([input_pipeline.get_local_batch(
-        images, s, config.training.batch_size, config.data.shuffle_seed, config.data.random_flip,
-        0, 1, len(devices)) for s in range(first, first + n)], axis=1)  # [D, n, b, H, W, C]
-    batch = next(input_pipeline.prefetch_to_device(iter([batch]), 1, devices))
+    steps = [
+        order.local_batch(
+            images,
+            None,
+            s,
+            config.training.batch_size,
+            config.data.shuffle_seed,
+            config.data.random_flip,
+            0,
+            1,
+            len(devices),
+        )
+        for s in range(first, first + n)
+    ]
+    batch = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *steps)  # [D, n, b, H, W, C]
+    batch = next(pipeline.prefetch_to_device(iter([batch]), 1, devices))
     p_state, m = p_step(p_state, batch)
     assert m["loss"].shape == (len(devices), n)  # [devices, steps]
-    states.append(train.unreplicate(p_state))
+    states.append(state_lib.unreplicate(p_state))
     metrics.extend(jax.device_get(jax.tree.map(lambda x: x[0, i], m)) for i in range(n))
   return states, metrics
 
@@ -49,13 +79,15 @@ def assert_trees_close(a, b, rtol, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+@pytest.mark.slow
 def test_trajectory_does_not_depend_on_device_count_or_micro_batches():
   config = test_config.get_config()
   assert len(jax.local_devices()) >= 8
-  one, m1 = run_steps(config, jax.local_devices()[:1], 3)
+  one, m1 = reference_run()  # 2 devices; its first 3 steps
+  one, m1 = one[:4], m1[:3]
   eight, m8 = run_steps(config, jax.local_devices()[:8], 3)
-  config.training.grad_accum_steps = 4
-  accum, _ = run_steps(config, jax.local_devices()[:1], 3)
+  config.training.grad_accum_steps = 4  # 4 per device: micro-batches of 1
+  accum, _ = run_steps(config, jax.local_devices()[:2], 3)
   # Summation order differs, so float32 rounding does; Adam's m/sqrt(v) turns that into
   # update differences for near-zero gradients. 1e-5 is 1% of one step (lr 1e-3).
   for ref, other in ((one, eight), (one, accum)):
@@ -63,35 +95,43 @@ def test_trajectory_does_not_depend_on_device_count_or_micro_batches():
     assert_trees_close(ref[-1].ema_params, other[-1].ema_params, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-5)
   # The runs did move: the comparison is not between untouched parameters.
-  moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-              for a, b in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(one[-1].params)))
+  moved = max(
+      float(np.abs(np.asarray(a) - np.asarray(b)).max())
+      for a, b in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(one[-1].params))
+  )
   assert moved > 1e-4
 
 
+@pytest.mark.slow
 def test_several_steps_per_call_are_the_same_steps():
   """steps_per_call=2, by lax.scan and unrolled, follows the trajectory of one step per call."""
   config = test_config.get_config()
   devices = jax.local_devices()[:2]
-  ref, ref_metrics = run_steps(config, devices, 4)
+  ref, ref_metrics = reference_run()
   for loop in ("scan", "unroll"):
     config.training.steps_per_call, config.training.multi_step_loop = 2, loop
     states, metrics = run_steps(config, devices, 4)  # checks metrics are [devices, 2] per call
     state = states[-1]
     assert int(state.step) == 4, loop
-    np.testing.assert_allclose([m["loss"] for m in metrics], [m["loss"] for m in ref_metrics],
-                               rtol=1e-5, err_msg=loop)
+    np.testing.assert_allclose(
+        [m["loss"] for m in metrics], [m["loss"] for m in ref_metrics], rtol=1e-5, err_msg=loop
+    )
     # Another program, so other float32 rounding; tolerances as in the device-count test above.
     assert_trees_close(ref[-1].params, state.params, rtol=1e-4, atol=1e-5)
     assert_trees_close(ref[-1].ema_params, state.ema_params, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("field,on_cpu,elsewhere", [("multi_step_loop", "unroll", "scan"),
-                                                     ("grad_all_reduce", "flat", "tree")])
-def test_auto_choices_differ_on_cpu_only(field, on_cpu, elsewhere):
-  """The 'auto' default of each CPU-specific switch, by platform, and an explicit value kept."""
+@pytest.mark.parametrize(
+    "field,on_cpu,elsewhere",
+    [("multi_step_loop", "unroll", "scan"), ("grad_all_reduce", "flat", "tree")],
+)
+def test_auto_choices_follow_the_cpu_kernels(field, on_cpu, elsewhere):
+  """'auto' takes the CPU choice only with model.cpu_kernels on a CPU; an explicit value is kept."""
   config = test_config.get_config()
-  choose = getattr(train, field)  # train.multi_step_loop / train.grad_all_reduce
-  assert config.training[field] == "auto"
+  choose = getattr(step_lib, field)  # step_lib.multi_step_loop / step_lib.grad_all_reduce
+  assert config.training[field] == "auto" and not config.model.cpu_kernels
+  assert choose(config, "cpu") == elsewhere  # the default program is the standard one
+  config.model.cpu_kernels = True
   assert choose(config, "cpu") == on_cpu
   assert choose(config, "tpu") == elsewhere
   assert choose(config, "gpu") == elsewhere
@@ -99,38 +139,46 @@ def test_auto_choices_differ_on_cpu_only(field, on_cpu, elsewhere):
   assert choose(config, "cpu") == elsewhere
 
 
+@pytest.mark.slow
 def test_flat_and_tree_all_reduce_are_the_same_steps():
   """Averaging the gradients as one flat vector or leaf by leaf: the same sums, so the same
   trajectory bit for bit; and both equal the mean of each device's own gradient."""
   config = test_config.get_config()
   devices = jax.local_devices()[:2]
-  runs = {}
-  for how in ("flat", "tree"):
-    config.training.grad_all_reduce = how
-    runs[how] = run_steps(config, devices, 2)
-  for a, b in zip(jax.tree.leaves(runs["flat"][0][-1]), jax.tree.leaves(runs["tree"][0][-1])):
+  assert step_lib.grad_all_reduce(config) == "tree"  # the reference run's
+  tree_states, tree_metrics = reference_run()
+  config.training.grad_all_reduce = "flat"
+  flat_states, flat_metrics = run_steps(config, devices, 2)
+  for a, b in zip(jax.tree.leaves(flat_states[-1]), jax.tree.leaves(tree_states[2])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert [m["loss"] for m in runs["flat"][1]] == [m["loss"] for m in runs["tree"][1]]
+  assert [m["loss"] for m in flat_metrics] == [m["loss"] for m in tree_metrics[:2]]
 
   # Independent of both: pmean of a [D, n] tree by hand, as numpy's mean over devices.
   tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32([[1.5], [-2.0]])}
-  mean = jax.pmap(lambda t: train._device_mean(t, "flat"), axis_name=train.AXIS,
-                  devices=devices)(tree)
+  mean = jax.pmap(
+      lambda t: step_lib._device_mean(t, "flat"), axis_name=state_lib.AXIS, devices=devices
+  )(tree)
   np.testing.assert_array_equal(np.asarray(mean["a"]), np.tile(tree["a"].mean(0), (2, 1)))
   np.testing.assert_array_equal(np.asarray(mean["b"]), np.tile(tree["b"].mean(0), (2, 1)))
 
 
+@pytest.mark.slow
 def test_ema_warmup_and_first_step():
   config = test_config.get_config()
-  states, metrics = run_steps(config, jax.local_devices()[:2], 3)
+  states, metrics = reference_run()
+  states, metrics = states[:4], metrics[:3]
   d = config.optim.ema_decay
   # Paper's warm-up: lr * min(step / warmup, 1) is 0 at the first step, so params stay put.
   assert_trees_close(states[1].params, states[0].params, rtol=0, atol=0)
-  np.testing.assert_allclose([m["lr"] for m in metrics],
-                             [0.0, config.optim.lr / 2, config.optim.lr], rtol=1e-6)
+  np.testing.assert_allclose(
+      [m["lr"] for m in metrics], [0.0, config.optim.lr / 2, config.optim.lr], rtol=1e-6
+  )
   for k in (1, 2, 3):
-    want = jax.tree.map(lambda e, p: d * np.asarray(e, np.float64) + (1 - d) * np.asarray(p, np.float64),
-                        states[k - 1].ema_params, states[k].params)
+    want = jax.tree.map(
+        lambda e, p: d * np.asarray(e, np.float64) + (1 - d) * np.asarray(p, np.float64),
+        states[k - 1].ema_params,
+        states[k].params,
+    )
     assert_trees_close(states[k].ema_params, want, rtol=1e-6, atol=1e-7)
   assert [int(s.step) for s in states] == [0, 1, 2, 3]
 
@@ -139,7 +187,7 @@ def test_optimizer_is_adam_with_warmup_and_global_norm_clipping():
   config = test_config.get_config()
   config.optim.eps = 1.0  # makes Adam's update depend on the gradient's scale
   config.optim.warmup_steps = 4
-  tx = train.create_optimizer(config.optim)
+  tx = state_lib.create_optimizer(config.optim)
   params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
   grads = {"w": jnp.array([30.0, -40.0, 0.0]), "b": jnp.array([0.0, 0.0])}  # global norm 50
   ref = optax.adam(1.0, b1=config.optim.beta1, b2=config.optim.beta2, eps=1.0)
@@ -158,8 +206,13 @@ def _xla_flags(devices):
 
 
 def _main(*args, env=None, timeout=600):
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "configs/test.py"),
-         *args]
+  cmd = [
+      sys.executable,
+      os.path.join(ROOT, "main.py"),
+      "--config",
+      os.path.join(ROOT, "configs/test.py"),
+      *args,
+  ]
   e = dict(os.environ)
   e.update(env or {})
   return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
@@ -167,9 +220,9 @@ def _main(*args, env=None, timeout=600):
 
 def _final_state(workdir, config=None):
   config = config or test_config.get_config()
-  model = train.build_model(config)
-  tx = train.create_optimizer(config.optim)
-  target = train.create_train_state(config, model, tx)
+  model = state_lib.build_model(config)
+  tx = state_lib.create_optimizer(config.optim)
+  target = state_lib.create_train_state(config, model, tx)
   manager = checkpoint.create_manager(workdir, read_only=True)
   return checkpoint.restore_train_state(manager, target, config)
 
@@ -179,6 +232,7 @@ def assert_states_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path):
   two_dev = {"XLA_FLAGS": _xla_flags(2)}
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
@@ -189,8 +243,6 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   r = _main(f"--workdir={part}", "--config.training.num_train_steps=4", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Resumed from the checkpoint at step 2" in r.stderr
-  # main.py restarted itself with an allocator that keeps freed memory (host_malloc).
-  assert re.search(r"C allocator: (jemalloc|glibc_thp)\b", r.stderr), r.stderr[-3000:]
   a, b = _final_state(full), _final_state(part)
   assert int(a.step) == int(b.step) == 4
   assert_states_equal(a, b)
@@ -199,8 +251,13 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   assert glob.glob(os.path.join(part, "events.out.tfevents.*"))
 
   # --mode=sample writes the documented files from the EMA parameters.
-  r = _main(f"--workdir={full}", "--mode=sample", "--config.sampling.num_samples=6",
-            "--config.sampling.batch_size=4", env=two_dev)
+  r = _main(
+      f"--workdir={full}",
+      "--mode=sample",
+      "--config.sampling.num_samples=6",
+      "--config.sampling.batch_size=4",
+      env=two_dev,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   npz = glob.glob(os.path.join(full, "samples", "samples_step4_*.npz"))
   png = glob.glob(os.path.join(full, "samples", "grid_step4_*.png"))
@@ -210,23 +267,58 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   assert images.std() > 0
 
 
+@pytest.mark.slow
+def test_resume_with_the_cpu_kernels_is_bitwise_and_recorded(tmp_path):
+  """With model.cpu_kernels on, 2 + 2 steps in two processes equal 4 steps in one, bit for bit;
+  the checkpoint records the kernels, and resuming without them is warned about by name."""
+  env = {"XLA_FLAGS": _xla_flags(2)}
+  on = "--config.model.cpu_kernels=True"
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  for workdir, steps in ((full, 4), (part, 2), (part, 4)):
+    r = _main(f"--workdir={workdir}", f"--config.training.num_train_steps={steps}", on, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+  config = test_config.get_config()
+  config.model.cpu_kernels = True
+  a, b = _final_state(full, config), _final_state(part, config)
+  assert int(a.step) == int(b.step) == 4
+  assert_states_equal(a, b)
+  with open(os.path.join(full, "checkpoints", "4", "meta", "metadata")) as f:
+    assert json.load(f)["model.cpu_kernels_active"] is True
+  r = _main(f"--workdir={part}", "--config.training.num_train_steps=6", env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "trained with the CPU kernels on, this run has them off" in r.stderr
+
+
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
   single = str(tmp_path / "single")
   multi = str(tmp_path / "multi")
   args = ["--config.training.num_train_steps=3", "--config.training.checkpoint_every_steps=3"]
-  r = _main(f"--workdir={single}", *args,
-            env={"XLA_FLAGS": _xla_flags(4)})
+  r = _main(f"--workdir={single}", *args, env={"XLA_FLAGS": _xla_flags(4)})
   assert r.returncode == 0, r.stderr[-3000:]
   import socket
+
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  cmd = lambda i: [sys.executable, os.path.join(ROOT, "main.py"), "--config",
-                   os.path.join(ROOT, "configs/test.py"), f"--workdir={multi}", *args,
-                   f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+  cmd = lambda i: [
+      sys.executable,
+      os.path.join(ROOT, "main.py"),
+      "--config",
+      os.path.join(ROOT, "configs/test.py"),
+      f"--workdir={multi}",
+      *args,
+      f"--coordinator_address=localhost:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+  ]
   env = dict(os.environ, XLA_FLAGS=_xla_flags(2))
-  procs = [subprocess.Popen(cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+      subprocess.Popen(
+          cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+      for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -242,6 +334,7 @@ def test_cifar10_config_runs_two_steps_on_mock_data(tmp_path, cifar_metadata_dir
   """The paper's config and its real TFDS pipeline, on tfds.testing.mock_data."""
   import tensorflow_datasets as tfds
   from configs import cifar10
+
   config = cifar10.get_config()
   config.training.batch_size = 8
   config.training.num_train_steps = 2
@@ -249,9 +342,11 @@ def test_cifar10_config_runs_two_steps_on_mock_data(tmp_path, cifar_metadata_dir
   config.training.checkpoint_every_steps = 2
   config.training.sample_every_steps = 0
   config.data.data_dir = cifar_metadata_dir
-  with tfds.testing.mock_data(num_examples=16, data_dir=cifar_metadata_dir,
-                              policy=tfds.testing.MockPolicy.USE_FILES):
-    state = train.train_and_evaluate(config, str(tmp_path))
+  config.model.cpu_kernels = True  # as one would on a CPU: XLA:CPU's plain convs are far slower
+  with tfds.testing.mock_data(
+      num_examples=16, data_dir=cifar_metadata_dir, policy=tfds.testing.MockPolicy.USE_FILES
+  ):
+    state = loop.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   n = sum(x.size for x in jax.tree.leaves(state.params))
   assert n == 35_746_307
@@ -259,6 +354,7 @@ def test_cifar10_config_runs_two_steps_on_mock_data(tmp_path, cifar_metadata_dir
   assert _final_state(str(tmp_path), config).step == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_training_reduces_the_loss_in_float32_and_bfloat16(dtype):
   """A fixed evaluation of L_simple (fixed batch, t and noise) drops within 12 steps."""
@@ -266,14 +362,13 @@ def test_training_reduces_the_loss_in_float32_and_bfloat16(dtype):
   config.model.dtype = dtype
   config.model.dropout = 0.0
   states, _ = run_steps(config, jax.local_devices()[:2], 12)
-  model, diffusion = train.build_model(config), train.build_diffusion(config)
-  x0 = jnp.asarray(input_pipeline.scale_images(
-      input_pipeline.load_split_array(config.data, "test")[:64]))
+  model, diffusion = state_lib.build_model(config), state_lib.build_diffusion(config)
+  x0 = jnp.asarray(image_lib.scale_images(sources.load_split_array(config.data, "test")[:64]))
   t = jnp.arange(64, dtype=jnp.int32) * diffusion.num_timesteps // 64
   noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
 
   def eval_loss(params):
-    fn = train.make_model_fn(model, params, train=False)
+    fn = state_lib.make_model_fn(model, params, train=False)
     return float(jnp.mean(diffusion.training_losses(fn, x0, t, noise)["loss"]))
 
   before, after = eval_loss(states[0].params), eval_loss(states[-1].params)

@@ -151,7 +151,9 @@ def np_attn_block(x, p):
   return x + np_dense(h, p["proj_out"])
 
 
-def np_unet(p, x, t, y, *, ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv=True, **_):
+def np_unet(
+    p, x, t, y, *, ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv=True, **_
+):
   p = _np(p)
   x = np.asarray(x, np.float64)
   temb = np_timestep_embedding(t, ch)
@@ -180,7 +182,9 @@ def np_unet(p, x, t, y, *, ch, ch_mult, num_res_blocks, attn_resolutions, resamp
   h = np_resnet_block(h, temb, p["mid_block_2"], h.shape[-1])
   for i in reversed(range(L)):
     for j in range(num_res_blocks + 1):
-      h = np_resnet_block(np.concatenate([h, hs.pop()], -1), temb, p[f"up_{i}_block_{j}"], ch * ch_mult[i])
+      h = np_resnet_block(
+          np.concatenate([h, hs.pop()], -1), temb, p[f"up_{i}_block_{j}"], ch * ch_mult[i]
+      )
       if h.shape[1] in attn_resolutions:
         h = np_attn_block(h, p[f"up_{i}_attn_{j}"])
     if i != 0:
@@ -213,7 +217,16 @@ def test_param_counts_match_paper(kwargs, hw, expected):
 
 def test_param_tree_names_mirror_tf_checkpoint():
   params = _shape_init(UNet(), 32)["params"]
-  expected = {"temb_dense0", "temb_dense1", "conv_in", "norm_out", "conv_out", "mid_block_1", "mid_attn_1", "mid_block_2"}
+  expected = {
+      "temb_dense0",
+      "temb_dense1",
+      "conv_in",
+      "norm_out",
+      "conv_out",
+      "mid_block_1",
+      "mid_attn_1",
+      "mid_block_2",
+  }
   for i in range(4):
     expected |= {f"down_{i}_block_{j}" for j in range(2)}
     expected |= {f"up_{i}_block_{j}" for j in range(3)}
@@ -296,7 +309,10 @@ def test_output_shapes(kwargs, hw, batch):
 
 
 def test_indivisible_image_size_raises():
-  with pytest.raises(ValueError, match=r"image size 30 is not divisible by 2\*\*\(len\(ch_mult\)-1\)=8 \(model.ch_mult=\(1, 2, 2, 2\)\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"image size 30 is not divisible by 2\*\*\(len\(ch_mult\)-1\)=8 \(model.ch_mult=\(1, 2, 2, 2\)\)",
+  ):
     _shape_init(UNet(), 30)
   with pytest.raises(ValueError, match=r"image size 20 is not divisible .*=8"):
     jax.eval_shape(lambda: UNet().init(KEY, jnp.zeros((1, 32, 20, 3)), jnp.zeros((1,), jnp.int32)))
@@ -325,9 +341,13 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
     jax.eval_shape(lambda: model.init(KEY, x, jnp.zeros((3,), jnp.int32)))
   with pytest.raises(ValueError, match=r"num_classes is None"):
-    jax.eval_shape(lambda: model.init(KEY, x, jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)))
+    jax.eval_shape(
+        lambda: model.init(KEY, x, jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32))
+    )
   with pytest.raises(ValueError, match=r"requires class labels"):
-    jax.eval_shape(lambda: UNet(ch=32, ch_mult=(1, 2), num_classes=10).init(KEY, x, jnp.zeros((2,), jnp.int32)))
+    jax.eval_shape(
+        lambda: UNet(ch=32, ch_mult=(1, 2), num_classes=10).init(KEY, x, jnp.zeros((2,), jnp.int32))
+    )
   with pytest.raises(ValueError, match=r"NHWC"):
     jax.eval_shape(lambda: model.init(KEY, x[0], jnp.zeros((2,), jnp.int32)))
 
@@ -345,7 +365,9 @@ def test_timestep_embedding_matches_numpy():
     assert got.shape == (5, dim) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)  # float32 sin of args up to ~1e3
   # sin comes first: t=0 gives [0]*half + [1]*half.
-  np.testing.assert_array_equal(np.asarray(get_timestep_embedding(jnp.zeros((1,), jnp.int32), 8)), [[0, 0, 0, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(
+      np.asarray(get_timestep_embedding(jnp.zeros((1,), jnp.int32), 8)), [[0, 0, 0, 0, 1, 1, 1, 1]]
+  )
 
 
 def test_forward_matches_numpy_reference(tiny):
@@ -355,6 +377,28 @@ def test_forward_matches_numpy_reference(tiny):
   ref = np_unet(variables["params"], x, t, None, **TINY)
   assert np.abs(ref).max() > 0.5  # random params give O(1) outputs
   np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
+  # The CPU kernels compute the same function with the same parameters.
+  got = np.asarray(_fwd(model.clone(cpu_kernels=True))(variables, x, t))
+  np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
+
+
+def test_default_model_is_plain_flax_and_forward_mode_differentiable(tiny):
+  """Built with its defaults the U-Net is standard Flax (no custom_vjp, no conditional), so
+  forward-mode AD works: jax.jvp matches a central finite difference in float64 numpy terms."""
+  model, variables, _ = tiny
+  assert not model.cpu_kernels
+  x, t = _inputs(2, TINY_HW)
+  jaxpr = str(jax.make_jaxpr(lambda x: model.apply(variables, x, t))(x))
+  assert "custom_vjp" not in jaxpr and "cond[" not in jaxpr and "platform_index" not in jaxpr
+  v = jnp.asarray(np.random.RandomState(3).randn(*x.shape), jnp.float32)
+  f = lambda x: model.apply(variables, x, t)
+  _, tangent = jax.jit(lambda x, v: jax.jvp(f, (x,), (v,)))(x, v)
+  h = 1e-4  # float64 central difference: truncation and rounding both far below float32's
+  fd = (
+      np_unet(variables["params"], x + h * v, t, None, **TINY)
+      - np_unet(variables["params"], x - h * v, t, None, **TINY)
+  ) / (2 * h)
+  np.testing.assert_allclose(np.asarray(tangent), fd, atol=2e-3 * np.abs(fd).max(), rtol=0)
 
 
 def test_forward_without_resampling_convs_matches_numpy_reference():
@@ -367,14 +411,16 @@ def test_forward_without_resampling_convs_matches_numpy_reference():
   np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=1e-4)
 
 
-def test_group_norm_two_pass_variance():
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_group_norm_two_pass_variance(cpu_kernels):
   """GroupNorm matches numpy even when |mean| >> std (E[x^2]-mean^2 would be off by ~1e-3 here)."""
   from ddpm_jax.models.unet import _group_norm
 
   class GN(flax.linen.Module):
+
     @flax.linen.compact
     def __call__(self, x):
-      return _group_norm(x, "norm", jnp.float32)
+      return _group_norm(x, "norm", jnp.float32, cpu_kernels)
 
   x = (30.0 + np.random.RandomState(0).randn(2, 8, 8, 64)).astype(np.float32)
   p = {"scale": np.linspace(0.5, 1.5, 64), "bias": np.linspace(-1, 1, 64)}
@@ -391,56 +437,73 @@ def np_group_norm_grads(x, scale, w, groups=32, eps=1e-6):
   sigma = np.sqrt(g5(x).var(axis=(1, 2, 4), keepdims=True) + eps)
   xhat = (g5(x) - mean) / sigma
   gy = g5(w * scale)  # dL/dxhat
-  dx = (gy - gy.sum(axis=(1, 2, 4), keepdims=True) / n
-        - xhat * (gy * xhat).sum(axis=(1, 2, 4), keepdims=True) / n) / sigma
+  dx = (
+      gy
+      - gy.sum(axis=(1, 2, 4), keepdims=True) / n
+      - xhat * (gy * xhat).sum(axis=(1, 2, 4), keepdims=True) / n
+  ) / sigma
   return dx.reshape(x.shape), (w * xhat.reshape(x.shape)).sum(axis=(0, 1, 2)), w.sum(axis=(0, 1, 2))
 
 
 @pytest.mark.parametrize("channels", [32, 64])
 def test_group_norm_gradients_match_closed_form(channels):
   """Training differentiates GroupNorm: d/dx, d/dscale, d/dbias against the textbook formulas."""
-  from ddpm_jax.models.unet import group_norm
+  from ddpm_jax.cpu import group_norm as cpu_group_norm
 
+  group_norm = lambda x, s, b: cpu_group_norm.group_norm(x, s, b, 32, 1e-6)
   rng = np.random.RandomState(channels)
   x = (3.0 + 2.0 * rng.randn(2, 8, 8, channels)).astype(np.float32)
   w = rng.randn(2, 8, 8, channels).astype(np.float32)
   scale = rng.uniform(0.5, 1.5, channels).astype(np.float32)
   bias = rng.randn(channels).astype(np.float32)
-  got = jax.grad(lambda x, s, b: jnp.sum(w * group_norm(x, s, b)), argnums=(0, 1, 2))(x, scale, bias)
+  got = jax.grad(lambda x, s, b: jnp.sum(w * group_norm(x, s, b)), argnums=(0, 1, 2))(
+      x, scale, bias
+  )
   ref = np_group_norm_grads(x.astype(np.float64), scale.astype(np.float64), w.astype(np.float64))
   for g, r in zip(got, ref):
     np.testing.assert_allclose(np.asarray(g), r, atol=2e-4 * np.abs(r).max(), rtol=0)
 
 
-def test_group_norm_params_are_named_like_flax():
-  """Checkpoints stay interchangeable with flax.linen.GroupNorm: same names, shapes, initial values."""
-  from ddpm_jax.models.unet import GroupNorm
+def test_cpu_group_norm_params_are_named_like_flax():
+  """The CPU kernel's GroupNorm has flax.linen.GroupNorm's names, shapes and initial values."""
+  from ddpm_jax.models.unet import _CPUGroupNorm, _group_norm
 
   x = jnp.ones((1, 4, 4, 64))
-  ours = GroupNorm().init(KEY, x)
+  ours = _CPUGroupNorm().init(KEY, x)
   theirs = flax.linen.GroupNorm(num_groups=32).init(KEY, x)
   assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
   for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
     assert a.shape == b.shape and a.dtype == jnp.float32
     np.testing.assert_array_equal(a, b)
+
+  class GN(flax.linen.Module):
+
+    @flax.linen.compact
+    def __call__(self, x):
+      return _group_norm(x, "norm", jnp.float32, False)
+
   with pytest.raises(ValueError, match="48 channels are not divisible by 32"):
-    GroupNorm().init(KEY, jnp.ones((1, 4, 4, 48)))
+    GN().init(KEY, jnp.ones((1, 4, 4, 48)))
 
 
 @pytest.mark.parametrize("strides", [1, 2])
-def test_conv3x3_is_flax_conv(strides):
-  """Conv3x3 has nn.Conv's parameters (names, shapes, initial values) and outputs."""
+def test_cpu_conv3x3_is_flax_conv(strides):
+  """The CPU kernel's 3x3 conv has nn.Conv's parameters (names, shapes, initial values) and outputs."""
   x = jax.random.normal(jax.random.PRNGKey(8), (2, 8, 6, 32))
-  ours = unet_lib.Conv3x3(64, strides=strides, init_scale=0.5)
-  theirs = flax.linen.Conv(64, (3, 3), strides=strides, padding="SAME",
-                           kernel_init=unet_lib.default_init(0.5))
+  ours = unet_lib._CPUConv3x3(64, strides=strides, init_scale=0.5)
+  theirs = flax.linen.Conv(
+      64, (3, 3), strides=strides, padding="SAME", kernel_init=unet_lib.default_init(0.5)
+  )
   p_ours, p_theirs = ours.init(KEY, x), theirs.init(KEY, x)
   assert jax.tree_util.tree_structure(p_ours) == jax.tree_util.tree_structure(p_theirs)
   for a, b in zip(jax.tree_util.tree_leaves(p_ours), jax.tree_util.tree_leaves(p_theirs)):
     np.testing.assert_array_equal(a, b)
   p = _randomize(p_theirs["params"], 9)
-  np.testing.assert_allclose(np.asarray(ours.apply({"params": p}, x)),
-                             np.asarray(theirs.apply({"params": p}, x)), atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(ours.apply({"params": p}, x)),
+      np.asarray(theirs.apply({"params": p}, x)),
+      atol=1e-5,
+  )
 
 
 def test_downsample_pads_like_tf_same():
@@ -451,12 +514,20 @@ def test_downsample_pads_like_tf_same():
   got = np.asarray(mod.apply({"params": params}, x))
   w = params["conv"]["kernel"]
   dn = ("NHWC", "HWIO", "NHWC")
-  ref = jax.lax.conv_general_dilated(x, w, (2, 2), ((0, 1), (0, 1)), dimension_numbers=dn) + params["conv"]["bias"]
+  ref = (
+      jax.lax.conv_general_dilated(x, w, (2, 2), ((0, 1), (0, 1)), dimension_numbers=dn)
+      + params["conv"]["bias"]
+  )
   assert got.shape == (2, 4, 4, 4)
   np.testing.assert_allclose(got, np.asarray(ref), atol=1e-5)
-  np.testing.assert_allclose(got, np_conv3x3(np.asarray(x, np.float64), _np(params["conv"]), stride=2), atol=1e-5)
+  np.testing.assert_allclose(
+      got, np_conv3x3(np.asarray(x, np.float64), _np(params["conv"]), stride=2), atol=1e-5
+  )
   # The other asymmetric padding gives a different result, so this test can fail.
-  other = jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 0), (1, 0)), dimension_numbers=dn) + params["conv"]["bias"]
+  other = (
+      jax.lax.conv_general_dilated(x, w, (2, 2), ((1, 0), (1, 0)), dimension_numbers=dn)
+      + params["conv"]["bias"]
+  )
   assert not np.allclose(got, np.asarray(other), atol=1e-3)
 
 
@@ -466,27 +537,37 @@ def test_resampling_matches_paper_tf_ops():
   x = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
   down = Downsample(with_conv=True)
   p = _randomize(down.init(KEY, x)["params"], jax.random.PRNGKey(3))
-  ref = tf.nn.conv2d(x, np.asarray(p["conv"]["kernel"]), strides=2, padding="SAME").numpy() + np.asarray(p["conv"]["bias"])
+  ref = tf.nn.conv2d(
+      x, np.asarray(p["conv"]["kernel"]), strides=2, padding="SAME"
+  ).numpy() + np.asarray(p["conv"]["bias"])
   np.testing.assert_allclose(np.asarray(down.apply({"params": p}, x)), ref, atol=1e-5)
   ref_pool = tf.nn.avg_pool(x, 2, 2, "SAME").numpy()
-  np.testing.assert_allclose(np.asarray(Downsample(with_conv=False).apply({}, x)), ref_pool, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(Downsample(with_conv=False).apply({}, x)), ref_pool, atol=1e-6
+  )
   ref_up = tf.compat.v1.image.resize_nearest_neighbor(x, [16, 16], align_corners=True).numpy()
   np.testing.assert_array_equal(np.asarray(Upsample(with_conv=False).apply({}, x)), ref_up)
   # With the conv: TF's conv2d(SAME) of that resize (computed here without resizing).
   up = Upsample(with_conv=True)
   p = _randomize(up.init(KEY, x)["params"], jax.random.PRNGKey(4))
   ref = tf.nn.conv2d(ref_up, np.asarray(p["conv"]["kernel"]), strides=1, padding="SAME").numpy()
-  np.testing.assert_allclose(np.asarray(up.apply({"params": p}, x)), ref + np.asarray(p["conv"]["bias"]), atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(up.apply({"params": p}, x)), ref + np.asarray(p["conv"]["bias"]), atol=1e-5
+  )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_upsample_conv_matches_conv_of_repeated_input(dtype):
-  """Upsample's phase-wise 2x2 convs == repeat, then 3x3 conv: values, gradients, init, dtype."""
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_upsample_conv_matches_conv_of_repeated_input(dtype, cpu_kernels):
+  """Upsample (with the CPU kernels: phase-wise 2x2 convs) == repeat, then 3x3 conv: values,
+  gradients, init, dtype."""
   x = jax.random.normal(jax.random.PRNGKey(5), (2, 5, 7, 32))  # odd, non-square sizes
-  up = Upsample(with_conv=True, dtype=dtype)
+  up = Upsample(with_conv=True, dtype=dtype, cpu_kernels=cpu_kernels)
   init = up.init(KEY, x)["params"]
 
   class ConvAfterRepeat(flax.linen.Module):  # what Upsample's parameters used to belong to
+
     @flax.linen.compact
     def __call__(self, x):
       return flax.linen.Conv(32, (3, 3), kernel_init=unet_lib.default_init(), name="conv")(x)
@@ -501,14 +582,21 @@ def test_upsample_conv_matches_conv_of_repeated_input(dtype):
 
   def naive(p, x):
     xx = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2).astype(dtype)
-    y = jax.lax.conv_general_dilated(xx, p["conv"]["kernel"].astype(dtype), (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        xx,
+        p["conv"]["kernel"].astype(dtype),
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     return y + p["conv"]["bias"].astype(dtype)
 
   got, ref = up.apply({"params": p}, x), naive(p, x)
   assert got.shape == (2, 10, 14, 32) and got.dtype == dtype
   tol = 1e-5 if dtype == jnp.float32 else 0.03
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=tol * np.abs(ref).max())
+  np.testing.assert_allclose(
+      np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=tol * np.abs(ref).max()
+  )
   w = jax.random.normal(jax.random.PRNGKey(7), got.shape)
   loss = lambda f: lambda p, x: jnp.sum(w * f(p, x).astype(jnp.float32))
   g_got = jax.grad(loss(lambda p, x: up.apply({"params": p}, x)), argnums=(0, 1))(p, x)
@@ -527,7 +615,9 @@ def test_batch_independence(tiny):
     np.testing.assert_allclose(batched[i : i + 1], single, atol=1e-5, rtol=1e-5)
   # Replacing the other example leaves this one's output unchanged ...
   x2, t2 = x.at[1].set(-x[1]), t.at[1].set((t[1] + 300) % 1000)
-  np.testing.assert_allclose(np.asarray(fwd(variables, x2, t2))[0], batched[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(fwd(variables, x2, t2))[0], batched[0], atol=1e-5, rtol=1e-5
+  )
   # ... while a different timestep for the same image does change it (not vacuous).
   other = np.asarray(fwd(variables, x, (t + 500) % 1000))
   assert not np.allclose(other[0], batched[0], atol=1e-3)
@@ -545,7 +635,9 @@ def test_bfloat16_close_to_float32(tiny):
   m16 = UNet(**TINY, dtype=jnp.bfloat16)
   shapes16 = _shape_init(m16, TINY_HW)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes16))
-  assert jax.tree_util.tree_structure(shapes16) == jax.tree_util.tree_structure(_shape_init(m32, TINY_HW))
+  assert jax.tree_util.tree_structure(shapes16) == jax.tree_util.tree_structure(
+      _shape_init(m32, TINY_HW)
+  )
   x, t = _inputs(2, TINY_HW)
   out32 = np.asarray(fwd32(variables, x, t))
   out16 = _fwd(m16)(variables, x, t)
@@ -573,6 +665,7 @@ def test_dropout_only_in_training(tiny):
   assert not np.allclose(tr1, ev1, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_per_example_dropout_keys_make_examples_independent(tiny):
   """With one dropout key per example, an example's output (dropout on) does not depend
   on the batch it is in; different keys give different masks."""
@@ -590,6 +683,7 @@ def test_per_example_dropout_keys_make_examples_independent(tiny):
   assert not np.allclose(evaluated, batched, atol=1e-3)  # dropout was really on
 
 
+@pytest.mark.slow
 def test_remat_same_params_outputs_and_grads():
   cfg = dict(TINY, num_res_blocks=1)  # fewer blocks: two gradient compiles are the slow part
   plain, remat = UNet(**cfg), UNet(**cfg, remat=True)
@@ -614,8 +708,12 @@ def test_remat_same_params_outputs_and_grads():
 
   o_plain, g_plain = out_and_grad(plain)
   o_remat, g_remat = out_and_grad(remat)
-  np.testing.assert_allclose(np.asarray(o_plain), np.asarray(o_remat), atol=1e-5, rtol=1e-5)  # same dropout masks
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), g_plain, g_remat)
+  np.testing.assert_allclose(
+      np.asarray(o_plain), np.asarray(o_remat), atol=1e-5, rtol=1e-5
+  )  # same dropout masks
+  jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), g_plain, g_remat
+  )
   assert float(jnp.abs(g_plain["down_0_block_0"]["conv1"]["kernel"]).max()) > 0
 
 
@@ -630,8 +728,9 @@ def test_class_conditional():
   y = jnp.array([3, 7], jnp.int32)
   fwd = _fwd(model)
   out = np.asarray(fwd({"params": params}, x, t, y))
-  np.testing.assert_allclose(out, np_unet(params, x, t, y, **cfg), atol=1e-4 * np.abs(out).max(), rtol=1e-4)
+  np.testing.assert_allclose(
+      out, np_unet(params, x, t, y, **cfg), atol=1e-4 * np.abs(out).max(), rtol=1e-4
+  )
   out_other = np.asarray(fwd({"params": params}, x, t, jnp.array([4, 7], jnp.int32)))
   assert not np.allclose(out[0], out_other[0], atol=1e-3)  # label changed
   np.testing.assert_allclose(out[1], out_other[1], atol=1e-5)  # label unchanged
-

@@ -65,15 +65,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.models import conv, conv_timing, winograd
-from ddpm_jax.models import dropout as dropout_masks
+from ddpm_jax.cpu import conv as cpu_conv
+from ddpm_jax.cpu import dropout as cpu_dropout
+from ddpm_jax.cpu import group_norm as cpu_group_norm
+from ddpm_jax.cpu import upsample as cpu_upsample
 
 __all__ = [
     "UNet",
     "ResnetBlock",
     "AttnBlock",
-    "GroupNorm",
-    "group_norm",
     "Downsample",
     "Upsample",
     "default_init",
@@ -132,97 +132,88 @@ def count_params(params: Any) -> int:
   return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
-               num_groups: int = GN_GROUPS, eps: float = GN_EPS) -> jax.Array:
-  """GroupNorm of ``x`` over its spatial axes and each group of channels.
+class _CPUGroupNorm(nn.Module):
+  """``ddpm_jax.cpu.group_norm`` with ``flax.linen.GroupNorm``'s parameters (``scale``, ``bias``)."""
 
-  Args:
-    x: ``[B, ..., C]`` float32, ``C`` divisible by ``num_groups``.
-    scale, bias: ``[C]`` float32 (TF's ``gamma`` and ``beta``).
-    num_groups, eps: the paper's 32 and 1e-6 by default.
-
-  Returns:
-    ``[B, ..., C]``: ``(x - mean) / sqrt(var + eps) * scale + bias``, with the
-    mean and the two-pass variance E[(x - mean)^2] of each (example, group),
-    like TF's ``tf.nn.moments`` (E[x^2] - mean^2 would lose precision when
-    |mean| >> std).
-
-  The result is ``flax.linen.GroupNorm(use_fast_variance=False)``'s, arranged
-  for XLA:CPU: both reductions run over the spatial axes with the channels as
-  the vectorised minor axis, and the step from channels to groups is a tiny
-  ``[B, C]`` reshape (see ``benchmarks/group_norm.py``).
-  """
-  B, C = x.shape[0], x.shape[-1]
-  per_group = C // num_groups
-  flat = x.reshape(B, -1, C)
-
-  def group_mean(v):  # [B, C] per-channel values -> [B, C] mean over each channel's group
-    g = jnp.mean(v.reshape(B, num_groups, per_group), axis=-1, keepdims=True)
-    return jnp.broadcast_to(g, (B, num_groups, per_group)).reshape(B, C)
-
-  mean = group_mean(jnp.mean(flat, axis=1))
-  centered = flat - mean[:, None, :]
-  var = group_mean(jnp.mean(jnp.square(centered), axis=1))
-  y = centered * (jax.lax.rsqrt(var + eps) * scale)[:, None, :] + bias
-  return y.reshape(x.shape)
-
-
-class GroupNorm(nn.Module):
-  """The paper's GroupNorm (32 groups, eps 1e-6) with float32 ``scale`` and ``bias``.
-
-  Parameters are named, shaped and initialised like ``flax.linen.GroupNorm``'s,
-  so checkpoints and converted weights are interchangeable with it.
-  """
-
-  num_groups: int = GN_GROUPS  # channel groups
-  epsilon: float = GN_EPS  # added to the variance
+  num_groups: int = GN_GROUPS
+  epsilon: float = GN_EPS
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Args: x ``[B, ..., C]`` (any float dtype). Returns float32, same shape."""
     C = x.shape[-1]
-    if C % self.num_groups:
-      raise ValueError(f"GroupNorm: {C} channels are not divisible by {self.num_groups} groups")
     scale = self.param("scale", nn.initializers.ones, (C,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (C,), jnp.float32)
-    return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups, self.epsilon)
+    return cpu_group_norm.group_norm(x, scale, bias, self.num_groups, self.epsilon)
 
 
-def _group_norm(x: jax.Array, name: str, dtype: Any) -> jax.Array:
-  """GroupNorm(32 groups, eps 1e-6) computed in float32, cast back to ``dtype``."""
-  return GroupNorm(name=name)(x).astype(dtype)
+def _group_norm(x: jax.Array, name: str, dtype: Any, cpu_kernels: bool) -> jax.Array:
+  """The paper's GroupNorm (32 groups, eps 1e-6, two-pass variance) in float32, cast to ``dtype``.
 
-
-class Conv3x3(nn.Module):
-  """3x3 conv with TF 'SAME' padding (the paper's ``nn.conv2d``).
-
-  Parameters are ``nn.Conv``'s (``kernel [3, 3, Cin, features]``, ``bias``, same
-  initialisers and order). The convolution is :func:`conv.conv3x3`: on CPU,
-  Winograd's F(4x4, 3x3) where it is faster (``models/winograd.py``), else
-  lax's with the weight gradient summed over cache-sized batch chunks; lax's
-  on GPU and TPU.
+  Args: x: [B, H, W, C] with C divisible by 32. Returns [B, H, W, C] in ``dtype``.
   """
+  if x.shape[-1] % GN_GROUPS:
+    raise ValueError(f"GroupNorm: {x.shape[-1]} channels are not divisible by {GN_GROUPS} groups")
+  x = x.astype(jnp.float32)
+  if cpu_kernels:
+    return _CPUGroupNorm(name=name)(x).astype(dtype)
+  norm = nn.GroupNorm(
+      num_groups=GN_GROUPS,
+      epsilon=GN_EPS,
+      use_fast_variance=False,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      name=name,
+  )
+  return norm(x).astype(dtype)
 
-  features: int  # output channels
-  strides: int = 1  # 1, or 2 for the Downsample conv
-  init_scale: float = 1.0  # default_init scale of the kernel (0 -> 1e-10)
-  dtype: Any = jnp.float32  # computation dtype; params are float32
+
+class _CPUConv3x3(nn.Module):
+  """``ddpm_jax.cpu.conv.conv3x3`` with ``nn.Conv``'s parameters (``kernel [3, 3, Cin, Cout]``, ``bias``)."""
+
+  features: int
+  strides: int = 1
+  init_scale: float = 1.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Args: x ``[B, H, W, Cin]``. Returns ``[B, H / strides, W / strides, features]`` in ``dtype``."""
-    kernel = self.param("kernel", default_init(self.init_scale),
-                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+        "kernel", default_init(self.init_scale), (3, 3, x.shape[-1], self.features), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    y = conv.conv3x3(x.astype(self.dtype), kernel.astype(self.dtype),
-                     (self.strides, self.strides), "SAME")
+    y = cpu_conv.conv3x3(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.strides, self.strides), "SAME"
+    )
     return y + bias.astype(self.dtype)
 
 
-def _conv3x3(features: int, name: str, dtype: Any, init_scale: float = 1.0,
-             strides: int = 1) -> Conv3x3:
-  """3x3 conv with TF 'SAME' padding (the paper's ``nn.conv2d``)."""
-  return Conv3x3(features, strides=strides, init_scale=init_scale, dtype=dtype, name=name)
+def _conv3x3(
+    x: jax.Array,
+    features: int,
+    name: str,
+    dtype: Any,
+    cpu_kernels: bool,
+    init_scale: float = 1.0,
+    strides: int = 1,
+) -> jax.Array:
+  """3x3 conv with TF 'SAME' padding (the paper's ``nn.conv2d``).
+
+  Args: x: [B, H, W, Cin]. Returns [B, H / strides, W / strides, features] in ``dtype``.
+  """
+  if cpu_kernels:
+    return _CPUConv3x3(features, strides, init_scale, dtype, name=name)(x)
+  conv = nn.Conv(
+      features,
+      (3, 3),
+      strides=(strides, strides),
+      padding="SAME",
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=default_init(init_scale),
+      bias_init=nn.initializers.zeros,
+      name=name,
+  )
+  return conv(x.astype(dtype))
 
 
 def _dense(features: int, name: str, dtype: Any, init_scale: float = 1.0) -> nn.Dense:
@@ -237,11 +228,13 @@ def _dense(features: int, name: str, dtype: Any, init_scale: float = 1.0) -> nn.
   )
 
 
-def _dropout(h: jax.Array, rate: float, train: bool, keys: Optional[jax.Array], name: str) -> jax.Array:
+def _dropout(
+    h: jax.Array, rate: float, train: bool, keys: Optional[jax.Array], name: str, cpu_kernels: bool
+) -> jax.Array:
   """Dropout from the 'dropout' rng stream, or from one key per example.
 
-  With ``keys`` ([B] keys) example b's mask depends only on keys[b] and the
-  block's name, not on the batch it sits in.
+  Args: h: [B, ...]; keys: optional [B] PRNG keys. With ``keys``, example b's
+  mask depends only on keys[b] and the block's name, not on the batch it sits in.
   """
   if not train or rate == 0.0:
     return h
@@ -249,7 +242,11 @@ def _dropout(h: jax.Array, rate: float, train: bool, keys: Optional[jax.Array], 
     return nn.Dropout(rate=rate, deterministic=False)(h)
   salt = zlib.crc32(name.encode()) & 0x7FFFFFFF
   block_keys = jax.vmap(lambda k: jax.random.fold_in(k, salt))(keys)
-  keep = dropout_masks.keep_mask(block_keys, 1.0 - rate, h.shape[1:])  # = vmapped jax.random.bernoulli
+  shape = h.shape[1:]
+  if cpu_kernels:
+    keep = cpu_dropout.keep_mask(block_keys, 1.0 - rate, shape)
+  else:
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, shape))(block_keys)
   return jnp.where(keep, h / (1.0 - rate), 0).astype(h.dtype)
 
 
@@ -264,26 +261,33 @@ class ResnetBlock(nn.Module):
   out_ch: int  # output channels (must be divisible by 32)
   dropout: float = 0.0  # dropout rate before conv2 (applied only when train=True)
   dtype: Any = jnp.float32  # computation dtype; params are float32
+  cpu_kernels: bool = False  # ddpm_jax.cpu's convs, GroupNorm and dropout masks
 
   @nn.compact
-  def __call__(self, x: jax.Array, temb: jax.Array, train: bool = False,
-               dropout_keys: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      temb: jax.Array,
+      train: bool = False,
+      dropout_keys: Optional[jax.Array] = None,
+  ) -> jax.Array:
     """Args: x ``[B, H, W, C]``; temb ``[B, E]``; train: enables dropout;
     dropout_keys: optional ``[B]`` PRNG keys, one per example (see ``UNet``).
 
     Returns ``[B, H, W, out_ch]`` in ``dtype``.
     """
     in_ch = x.shape[-1]
-    x = x.astype(self.dtype)
-    h = nn.swish(_group_norm(x, "norm1", self.dtype))
-    h = _conv3x3(self.out_ch, "conv1", self.dtype)(h)
-    h = h + _dense(self.out_ch, "temb_proj", self.dtype)(nn.swish(temb.astype(self.dtype)))[:, None, None, :]
-    h = nn.swish(_group_norm(h, "norm2", self.dtype))
-    h = _dropout(h, self.dropout, train, dropout_keys, self.name)
-    h = _conv3x3(self.out_ch, "conv2", self.dtype, init_scale=0.0)(h)
+    dt, cpu = self.dtype, self.cpu_kernels
+    x = x.astype(dt)
+    h = nn.swish(_group_norm(x, "norm1", dt, cpu))
+    h = _conv3x3(h, self.out_ch, "conv1", dt, cpu)
+    h = h + _dense(self.out_ch, "temb_proj", dt)(nn.swish(temb.astype(dt)))[:, None, None, :]
+    h = nn.swish(_group_norm(h, "norm2", dt, cpu))
+    h = _dropout(h, self.dropout, train, dropout_keys, self.name, cpu)
+    h = _conv3x3(h, self.out_ch, "conv2", dt, cpu, init_scale=0.0)
     if in_ch != self.out_ch:
       # Over [B*H*W, C] rows, as in AttnBlock, for a plain weight-gradient dot.
-      x = _dense(self.out_ch, "nin_shortcut", self.dtype)(x.reshape(-1, in_ch)).reshape(h.shape)
+      x = _dense(self.out_ch, "nin_shortcut", dt)(x.reshape(-1, in_ch)).reshape(h.shape)
     return x + h
 
 
@@ -291,18 +295,17 @@ class AttnBlock(nn.Module):
   """Single-head self-attention over all H*W positions (the paper's ``attn_block``)."""
 
   dtype: Any = jnp.float32  # computation dtype; the softmax is always float32
+  cpu_kernels: bool = False  # ddpm_jax.cpu's GroupNorm
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x ``[B, H, W, C]``. Returns ``x + proj_out(attention)``, ``[B, H, W, C]``."""
     B, H, W, C = x.shape
     x = x.astype(self.dtype)
-    # The projections see [B*H*W, C] rows: their weight gradients are then plain
-    # [C, rows] x [rows, C] dots; over [B, H*W, C] XLA:CPU transposed both
-    # operands first (benchmarks/attention.py: the block 1.1-1.25x faster).
-    h = _group_norm(x, "norm", self.dtype).reshape(B * H * W, C)
+    # The projections see [B*H*W, C] rows, so their weight gradients are plain dots.
+    h = _group_norm(x, "norm", self.dtype, self.cpu_kernels).reshape(B * H * W, C)
     # 1/sqrt(C) scales q ([B, HW, C]) rather than the logits ([B, HW, HW]): the same product.
-    q = (_dense(C, "q", self.dtype)(h) * (C ** -0.5)).reshape(B, H * W, C)
+    q = (_dense(C, "q", self.dtype)(h) * (C**-0.5)).reshape(B, H * W, C)
     k = _dense(C, "k", self.dtype)(h).reshape(B, H * W, C)
     v = _dense(C, "v", self.dtype)(h).reshape(B, H * W, C)
     w = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
@@ -320,130 +323,51 @@ class Downsample(nn.Module):
 
   with_conv: bool = True  # conv (True) or 2x2 average pool (False)
   dtype: Any = jnp.float32  # computation dtype
+  cpu_kernels: bool = False  # ddpm_jax.cpu's conv
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x ``[B, H, W, C]`` with even H, W. Returns ``[B, H/2, W/2, C]``."""
     x = x.astype(self.dtype)
     if self.with_conv:
-      return _conv3x3(x.shape[-1], "conv", self.dtype, strides=2)(x)
+      return _conv3x3(x, x.shape[-1], "conv", self.dtype, self.cpu_kernels, strides=2)
     return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
 
 
-def _two_phase_taps(kernel: jax.Array, axis: int) -> tuple:
-  """3 taps along ``axis`` -> the 2-tap kernels of the even and odd output phases.
+class _CPUUpsampleConv(nn.Module):
+  """``ddpm_jax.cpu.upsample`` with ``nn.Conv``'s parameters: the 3x3 conv of the upsampled input."""
 
-  On a 2x nearest-upsampled input, output 2i reads input rows (i-1, i, i) through
-  taps (0, 1, 2), and output 2i+1 reads rows (i, i, i+1); taps that read the same
-  row are summed.
-  """
-  t0, t1, t2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
-  return jnp.stack([t0, t1 + t2], axis=axis), jnp.stack([t0 + t1, t2], axis=axis)
-
-
-def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array,
-                       bias: Optional[jax.Array] = None) -> jax.Array:
-  """3x3 'SAME' conv of the 2x nearest-neighbour upsampling of ``x``, without upsampling.
-
-  Args:
-    x: ``[B, H, W, Cin]``, any float dtype (the computation dtype).
-    kernel: ``[3, 3, Cin, Cout]`` (HWIO), bias: ``[Cout]`` or None. Taps are summed in
-      the kernel's dtype (float32 for the model's parameters), then cast to
-      ``x``'s.
-
-  Returns:
-    ``[B, 2H, 2W, Cout]``, equal (up to float rounding) to
-    ``conv3x3(repeat(repeat(x, 2, axis=1), 2, axis=2))``. Each of the four output
-    phases (row parity a, column parity b) is a 2x2 conv of ``x`` whose taps are
-    sums of the 3x3 taps, so the work is 16 instead of 36 multiply-adds per
-    input pixel and channel pair, and the 4x larger upsampled input is never
-    built. On a 2-core CPU this made the CIFAR-10 U-Net's 256-channel 16x16 ->
-    32x32 upsample conv 1.5x faster forward and 4x faster forward + backward
-    (``benchmarks/upsample_conv.py``).
-  """
-  B, H, W, _ = x.shape
-  rows = []
-  for a, k_a in enumerate(_two_phase_taps(kernel, 0)):
-    cols = []
-    for b, k_ab in enumerate(_two_phase_taps(k_a, 1)):
-      # Phase a reads input rows (i-1, i) if a == 0, else (i, i+1): pad before or after.
-      padding = ((1, 0) if a == 0 else (0, 1), (1, 0) if b == 0 else (0, 1))
-      cols.append(conv.conv2d(x, k_ab.astype(x.dtype), (1, 1), padding))
-    rows.append(jnp.stack(cols, axis=3))  # [B, H, W, 2 (b), Cout]
-  y = jnp.stack(rows, axis=2)  # [B, H, 2 (a), W, 2 (b), Cout]
-  y = y.reshape(B, 2 * H, 2 * W, kernel.shape[-1])
-  return y if bias is None else y + bias.astype(x.dtype)
-
-
-def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """:func:`upsample2x_conv3x3`, or on CPU, where it was measured faster, Winograd's conv of the upsampled ``x``.
-
-  Args and result as :func:`upsample2x_conv3x3`. The two-phase form does 16
-  multiply-adds per input pixel and channel pair, Winograd's F(4x4, 3x3) on
-  the 4x larger upsampled input 4 x 36 / 16 = 9 but with more memory traffic,
-  and which is faster depends on the CPU and the shape (AMD EPYC host,
-  forward + gradients: 1.16-1.55x for Winograd at 64 channels; forward alone
-  0.87-0.95x). So
-  for float32 shapes where Winograd can run (``winograd.applies`` or
-  ``worth_measuring`` on the upsampled shape) ``conv_timing`` times both once
-  per layer shape (kind ``'upsample2x_conv3x3'``). Layers too large to measure
-  in a few seconds (``conv_timing.MEASURE_FLOPS``: the CIFAR-10 U-Net's upsample
-  to 32x32, the 256x256 models'), and GPU and TPU programs, get the two-phase form.
-  """
-  B, H, W, C = x.shape
-
-  def two_phase(x, kernel):
-    return upsample2x_conv3x3(x, kernel)
-
-  def winograd_of_upsampled(x, kernel):
-    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return winograd.conv3x3(up, kernel.astype(x.dtype))
-
-  up = ((B, 2 * H, 2 * W, C), kernel.shape, (1, 1), "SAME", x.dtype)
-  if not (conv.CPU_WINOGRAD
-          and (winograd.applies(*up) or winograd.worth_measuring(*up))
-          and conv_timing.winograd_is_faster(x.shape, kernel.shape[-1], x.dtype, two_phase,
-                                             winograd_of_upsampled, kind="upsample2x_conv3x3")):
-    return upsample2x_conv3x3(x, kernel, bias)
-  y = jax.lax.platform_dependent(x, kernel, cpu=winograd_of_upsampled, default=two_phase)
-  return y + bias.astype(x.dtype)
-
-
-class _UpsampleConv(nn.Module):
-  """The 3x3 conv after a 2x nearest upsampling, applied to the input before it.
-
-  Parameters are ``nn.Conv``'s (``kernel [3, 3, C, C]``, ``bias [C]``, same
-  initialisers), so checkpoints are the same as for upsample-then-conv.
-  """
-
-  dtype: Any = jnp.float32  # computation dtype; params are float32
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     C = x.shape[-1]
     kernel = self.param("kernel", default_init(), (3, 3, C, C), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (C,), jnp.float32)
-    return upsample_conv(x.astype(self.dtype), kernel, bias)
+    return cpu_upsample.upsample2x_conv3x3(x.astype(self.dtype), kernel, bias)
 
 
 class Upsample(nn.Module):
   """Double H and W by nearest-neighbour repetition, then optionally a 3x3 conv.
 
   (The paper's ``tf.image.resize(..., NEAREST_NEIGHBOR, align_corners=True)``
-  equals plain 2x repetition for an exact factor-2 resize.) With the conv, the
-  two are computed together by :func:`upsample_conv`.
+  equals plain 2x repetition for an exact factor-2 resize.)
   """
 
   with_conv: bool = True  # follow the resize with a 3x3 conv
   dtype: Any = jnp.float32  # computation dtype
+  cpu_kernels: bool = False  # ddpm_jax.cpu's upsample conv (the same parameters)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Args: x ``[B, H, W, C]``. Returns ``[B, 2H, 2W, C]``."""
     x = x.astype(self.dtype)
+    if self.with_conv and self.cpu_kernels:
+      return _CPUUpsampleConv(self.dtype, name="conv")(x)
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if self.with_conv:
-      return _UpsampleConv(self.dtype, name="conv")(x)
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      return _conv3x3(x, x.shape[-1], "conv", self.dtype, cpu_kernels=False)
+    return x
 
 
 class UNet(nn.Module):
@@ -455,20 +379,33 @@ class UNet(nn.Module):
   ch: int = 128  # base channel count (must be a positive multiple of 32, the GroupNorm groups)
   ch_mult: tuple = (1, 2, 2, 2)  # per-level channel multipliers; level i has ch*ch_mult[i] channels
   num_res_blocks: int = 2  # ResnetBlocks per level on the down path (up path has one more)
-  attn_resolutions: tuple = (16,)  # feature-map heights at which an AttnBlock follows each ResnetBlock
+  attn_resolutions: tuple = (
+      16,
+  )  # feature-map heights at which an AttnBlock follows each ResnetBlock
   dropout: float = 0.1  # dropout rate inside ResnetBlocks (only when train=True)
   resamp_with_conv: bool = True  # use convs in Downsample/Upsample (else avg-pool / plain resize)
   out_ch: int = 3  # output channels (3 for eps prediction; 6 to also output variances)
-  num_classes: Optional[int] = None  # extension: if set, a learned class embedding (4*ch) is added to temb
-  dtype: Any = jnp.float32  # computation dtype (e.g. jnp.bfloat16); params, GroupNorm, softmax and output stay float32
-  remat: bool = False  # rematerialise ResnetBlocks in the backward pass (memory switch; same outputs/params)
+  num_classes: Optional[int] = (
+      None  # extension: if set, a learned class embedding (4*ch) is added to temb
+  )
+  dtype: Any = (
+      jnp.float32
+  )  # computation dtype (e.g. jnp.bfloat16); params, GroupNorm, softmax and output stay float32
+  remat: bool = (
+      False  # rematerialise ResnetBlocks in the backward pass (memory switch; same outputs/params)
+  )
+  cpu_kernels: bool = (
+      False  # ddpm_jax.cpu's kernels (XLA:CPU only; same parameters, float rounding aside)
+  )
 
   def _check_config(self) -> None:
     def bad(msg: str) -> None:
       raise ValueError(msg)
 
     if not isinstance(self.ch, (int, np.integer)) or self.ch <= 0 or self.ch % GN_GROUPS != 0:
-      bad(f"model.ch={self.ch!r} must be a positive multiple of {GN_GROUPS} (the GroupNorm group count)")
+      bad(
+          f"model.ch={self.ch!r} must be a positive multiple of {GN_GROUPS} (the GroupNorm group count)"
+      )
     if len(self.ch_mult) == 0 or any(
         not isinstance(m, (int, np.integer)) or m <= 0 for m in self.ch_mult
     ):
@@ -528,19 +465,22 @@ class UNet(nn.Module):
       raise ValueError("y (class labels) was given but model.num_classes is None")
     if self.num_classes is not None:
       if y is None:
-        raise ValueError(f"model.num_classes={self.num_classes} requires class labels y of shape [B]")
+        raise ValueError(
+            f"model.num_classes={self.num_classes} requires class labels y of shape [B]"
+        )
       y = jnp.asarray(y)
       if y.shape != (B,):
         raise ValueError(f"y must have shape [B]=({B},), got shape {y.shape}")
 
-    dt = self.dtype
+    dt, cpu = self.dtype, self.cpu_kernels
     ch = self.ch
     num_resolutions = len(self.ch_mult)
     block_cls = nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
 
     def resblock(h, out_ch, name):
-      return block_cls(out_ch=out_ch, dropout=self.dropout, dtype=dt, name=name)(
-          h, temb, train, dropout_keys)
+      return block_cls(out_ch=out_ch, dropout=self.dropout, dtype=dt, cpu_kernels=cpu, name=name)(
+          h, temb, train, dropout_keys
+      )
 
     # Timestep embedding.
     temb = get_timestep_embedding(t, ch)
@@ -558,22 +498,24 @@ class UNet(nn.Module):
       temb = temb + emb(y)
 
     # Downsampling.
-    hs = [_conv3x3(ch, "conv_in", dt)(x.astype(dt))]
+    hs = [_conv3x3(x, ch, "conv_in", dt, cpu)]
     for i_level in range(num_resolutions):
       for i_block in range(self.num_res_blocks):
         h = resblock(hs[-1], ch * self.ch_mult[i_level], f"down_{i_level}_block_{i_block}")
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(dtype=dt, name=f"down_{i_level}_attn_{i_block}")(h)
+          h = AttnBlock(dtype=dt, cpu_kernels=cpu, name=f"down_{i_level}_attn_{i_block}")(h)
         hs.append(h)
       if i_level != num_resolutions - 1:
         hs.append(
-            Downsample(self.resamp_with_conv, dtype=dt, name=f"down_{i_level}_downsample")(hs[-1])
+            Downsample(
+                self.resamp_with_conv, dtype=dt, cpu_kernels=cpu, name=f"down_{i_level}_downsample"
+            )(hs[-1])
         )
 
     # Middle.
     h = hs[-1]
     h = resblock(h, h.shape[-1], "mid_block_1")
-    h = AttnBlock(dtype=dt, name="mid_attn_1")(h)
+    h = AttnBlock(dtype=dt, cpu_kernels=cpu, name="mid_attn_1")(h)
     h = resblock(h, h.shape[-1], "mid_block_2")
 
     # Upsampling.
@@ -585,12 +527,14 @@ class UNet(nn.Module):
             f"up_{i_level}_block_{i_block}",
         )
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(dtype=dt, name=f"up_{i_level}_attn_{i_block}")(h)
+          h = AttnBlock(dtype=dt, cpu_kernels=cpu, name=f"up_{i_level}_attn_{i_block}")(h)
       if i_level != 0:
-        h = Upsample(self.resamp_with_conv, dtype=dt, name=f"up_{i_level}_upsample")(h)
+        h = Upsample(
+            self.resamp_with_conv, dtype=dt, cpu_kernels=cpu, name=f"up_{i_level}_upsample"
+        )(h)
     assert not hs
 
     # End.
-    h = nn.swish(_group_norm(h, "norm_out", dt))
-    h = _conv3x3(self.out_ch, "conv_out", dt, init_scale=0.0)(h)
+    h = nn.swish(_group_norm(h, "norm_out", dt, cpu))
+    h = _conv3x3(h, self.out_ch, "conv_out", dt, cpu, init_scale=0.0)
     return h.astype(jnp.float32)

@@ -1,0 +1,1 @@
+"""Import of the released DDPM weights (diffusers format): ``python -m ddpm_jax.convert``."""

@@ -1,0 +1,26 @@
+"""Kernels that make the U-Net faster on XLA:CPU, used only when asked for.
+
+``config.model.cpu_kernels=True`` on a CPU backend builds the U-Net with
+``cpu_kernels=True`` (``ddpm_jax.training.state.build_model``); on GPU and TPU,
+and with the default ``False``, the model is the plain Flax program and none of
+this package is in it. What changes with it on:
+
+* ``conv.py``: 3x3 convs by Winograd's F(4x4, 3x3) (``winograd.py``) from 64
+  channels at 16x16 and above, and weight gradients summed over cache-sized
+  batch chunks elsewhere;
+* ``upsample.py``: the Upsample conv as four 2x2 convs of the small input;
+* ``group_norm.py``: GroupNorm reduced over space with the channels minor;
+* ``dropout.py``: dropout masks hashed once and stored (the same bits as
+  ``jax.random.bernoulli``);
+* ``compile_options.py``: XLA options for the samplers and the bits/dim loop;
+* ``malloc.py``: which C allocator the process runs with (set in the
+  environment at start: see its docstring);
+* the train step averages gradients as one flat vector and unrolls
+  ``training.steps_per_call`` (``training.grad_all_reduce``/``multi_step_loop``
+  'auto').
+
+Every choice is a function of the config and static shapes: nothing is timed,
+so a resumed run computes the same program. The kernels change float rounding
+only (dropout: not even that); the setting is recorded in each checkpoint.
+Measurements: docs/performance.md.
+"""

@@ -1,0 +1,133 @@
+"""The U-Net's 3x3 convolutions for XLA:CPU: Winograd where it applies, chunked weight gradients.
+
+The weight gradient of a convolution sums over the whole batch:
+``dW[i, j] = sum_{b, h, w} x_pad[b, h + i, w + j, :]^T dy[b, h, w, :]``. XLA:CPU
+computes it as one convolution whose window is the whole image, and that
+kernel slows down sharply once its operands leave the core's L2 cache.
+:func:`conv2d` sums the weight gradients of chunks of the batch instead, each
+small enough to stay in cache; the forward pass and the input gradient are
+XLA's. :func:`conv3x3` uses Winograd's F(4x4, 3x3) (``winograd.py``) for the
+shapes where ``winograd.applies``, a rule on static shapes only.
+
+Both differ from XLA's convolution by float rounding only. Only the U-Net built
+with ``cpu_kernels=True`` calls this module (see ``ddpm_jax/cpu/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from ddpm_jax.cpu import winograd
+
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+
+# Bytes of one chunk's largest operand (x or dy) in the chunked weight gradient.
+WEIGHT_GRAD_CHUNK_BYTES = 1 << 19
+
+# Below this many output channels the weight gradient is cheap and XLA's single
+# convolution is kept (the output conv to 1 or 3 channels).
+MIN_CHUNKED_FEATURES = 16
+
+Padding = Union[str, Sequence[Sequence[int]]]
+
+
+def _plain(x, kernel, strides, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=DIMENSION_NUMBERS
+  )
+
+
+def weight_grad_chunk(
+    x_shape: Sequence[int], out_features: int, itemsize: int, budget: Optional[int] = None
+) -> int:
+  """Examples per chunk of the weight gradient: a divisor of the batch size.
+
+  The largest divisor ``c`` of B with ``c * H * W * max(Cin, Cout) * itemsize <=
+  budget`` (at least 1); the whole batch when ``out_features`` is below
+  ``MIN_CHUNKED_FEATURES`` or ``budget <= 0``.
+
+  Args: x_shape: (B, H, W, Cin); out_features: Cout; itemsize: bytes per element;
+    budget: bytes (default ``WEIGHT_GRAD_CHUNK_BYTES``).
+  """
+  B, H, W, c_in = x_shape
+  budget = WEIGHT_GRAD_CHUNK_BYTES if budget is None else budget
+  if out_features < MIN_CHUNKED_FEATURES or budget <= 0:
+    return B
+  fits = max(1, budget // (H * W * max(c_in, out_features) * itemsize))
+  return max(c for c in range(1, B + 1) if B % c == 0 and c <= fits)
+
+
+def chunked_weight_grad(
+    x: jax.Array, dy: jax.Array, kernel: jax.Array, strides, padding, chunk: int
+) -> jax.Array:
+  """The kernel's gradient of ``conv(x, kernel)`` for cotangent ``dy``, summed over batch chunks.
+
+  Args:
+    x: ``[B, H, W, Cin]``; dy: ``[B, H', W', Cout]`` (the output's cotangent);
+    kernel: ``[kh, kw, Cin, Cout]`` (only its shape and dtype are used);
+    chunk: examples per chunk, dividing B.
+
+  Returns ``[kh, kw, Cin, Cout]`` in the kernel's dtype; the chunks' partial
+  sums are added in float32.
+  """
+  B = x.shape[0]
+  total = None
+  for start in range(0, B, chunk):
+    xs, dys = x[start : start + chunk], dy[start : start + chunk]
+    _, vjp = jax.vjp(lambda k, xs=xs: _plain(xs, k, strides, padding), kernel)
+    part = vjp(dys)[0].astype(jnp.float32)
+    total = part if total is None else total + part
+  return total.astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(
+    x: jax.Array, kernel: jax.Array, strides: tuple = (1, 1), padding: Padding = "SAME"
+) -> jax.Array:
+  """``lax.conv_general_dilated`` in NHWC / HWIO, with the weight gradient summed over chunks.
+
+  Args:
+    x: ``[B, H, W, Cin]``; kernel: ``[kh, kw, Cin, Cout]``, same dtype as x.
+    strides: ``(sh, sw)``; padding: ``'SAME'``, ``'VALID'`` or ``((lo, hi), (lo, hi))``
+      (hashable: a string or a tuple of tuples).
+
+  Returns ``[B, H', W', Cout]``: the convolution, exactly as lax computes it.
+  The gradient with respect to x is lax's; with respect to the kernel it is
+  summed over chunks of :func:`weight_grad_chunk` examples (equal to lax's up
+  to float rounding).
+  """
+  return _plain(x, kernel, strides, padding)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+  return _plain(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  _, vjp = jax.vjp(lambda x_, k_: _plain(x_, k_, strides, padding), x, kernel)
+  dx, dk = vjp(dy)  # XLA drops the whole-batch kernel gradient when it is replaced
+  chunk = weight_grad_chunk(x.shape, kernel.shape[-1], jnp.dtype(x.dtype).itemsize)
+  if chunk < x.shape[0]:
+    dk = chunked_weight_grad(x, dy, kernel, strides, padding, chunk)
+  return dx, dk
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv3x3(
+    x: jax.Array, kernel: jax.Array, strides: tuple = (1, 1), padding: Padding = "SAME"
+) -> jax.Array:
+  """A 3x3 convolution: ``winograd.conv3x3`` where ``winograd.applies``, else :func:`conv2d`.
+
+  Args and result as :func:`conv2d`; the choice depends on the static shapes,
+  strides, padding and dtype only.
+  """
+  if winograd.applies(x.shape, kernel.shape, strides, padding, x.dtype):
+    return winograd.conv3x3(x, kernel)
+  return conv2d(x, kernel, strides, padding)

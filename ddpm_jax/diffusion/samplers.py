@@ -1,0 +1,204 @@
+"""Samplers: Algorithm 2 (ancestral), DDIM and DDIM inversion, each one ``lax.scan``.
+
+Each loop is a pure function of (diffusion, model_fn, key): wrap it in
+``jax.jit`` with the network parameters passed in (closed over, concrete
+parameters become constants of the program, and a large model's make the
+compile slow), e.g.::
+
+    @jax.jit
+    def sample(params, key):
+      model_fn = lambda x, t: model.apply({'params': params}, x, t)
+      return ancestral_sample_loop(diffusion, model_fn, (16, 32, 32, 3), key)
+
+The loop body (and so the network) is traced once, whatever T is. Respaced
+sampling (fewer steps) is the same loop on ``gaussian.respaced(...)``.
+
+Randomness: x_T comes from ``fold_in(key, T)`` and the noise of step t from
+``fold_in(key, t)``, so the same key gives the same samples (use one key per
+shard to shard sampling).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ddpm_jax.diffusion.gaussian import GaussianDiffusion, ModelFn, extract
+
+NoiseFn = Callable[[jax.Array], jax.Array]
+
+
+def _scan_steps(step_fn, x, t_start: int, return_every: Optional[int]):
+  """Runs ``x = step_fn(x, t)`` for t = t_start, ..., 0 in one scan.
+
+  step_fn returns (new_x, pred_xstart). With ``return_every=K`` the loop is a
+  scan of (t_start + 1) / K chunks of K steps, and after each chunk the
+  current x_t and the last pred_xstart are recorded.
+  """
+  n = t_start + 1
+  ts = jnp.arange(t_start, -1, -1, dtype=jnp.int32)
+  if return_every is None:
+    x, _ = jax.lax.scan(lambda x, t: (step_fn(x, t)[0], None), x, ts)
+    return x, None
+  if n % return_every:
+    raise ValueError(f"return_every={return_every} must divide the number of steps {n}")
+
+  def chunk(x, ts_chunk):
+    def inner(carry, t):
+      x, _ = carry
+      return step_fn(x, t), None
+
+    (x, pred_xstart), _ = jax.lax.scan(inner, (x, jnp.zeros_like(x)), ts_chunk)
+    return x, (x, pred_xstart)
+
+  x, (xs, x0s) = jax.lax.scan(chunk, x, ts.reshape(n // return_every, return_every))
+  return x, dict(x_t=xs, pred_xstart=x0s, t=ts.reshape(-1, return_every)[:, -1])
+
+
+def _initial_noise(key: jax.Array, T: int, shape: Sequence[int]) -> jax.Array:
+  return jax.random.normal(jax.random.fold_in(key, T), shape)
+
+
+def _step_noise(key: jax.Array, shape: Sequence[int]) -> NoiseFn:
+  return lambda t: jax.random.normal(jax.random.fold_in(key, t), shape)
+
+
+def _predict(diffusion: GaussianDiffusion, model_fn: ModelFn, x, t_scalar, clip_denoised):
+  """t [B] and ``p_mean_variance``'s dict for x_t [B, ...] at the scalar timestep."""
+  t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+  out = diffusion.p_mean_variance(
+      diffusion.call_model(model_fn, x, t), x, t, clip_denoised=clip_denoised
+  )
+  return t, out
+
+
+def ancestral_step(diffusion, model_fn, x, t_scalar, z, clip_denoised: bool = True):
+  """One step of Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z (no noise at t = 0).
+
+  Args: x: [B, H, W, C] = x_t; t_scalar: int32 scalar; z: standard normal noise
+    broadcastable to x. Returns (x_{t-1}, pred_xstart), both [B, H, W, C].
+  """
+  _, out = _predict(diffusion, model_fn, x, t_scalar, clip_denoised)
+  nonzero = (t_scalar > 0).astype(x.dtype)
+  return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * z, out["pred_xstart"]
+
+
+def ancestral_from(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    x_t: jax.Array,
+    t_start: int,
+    noise_fn: NoiseFn,
+    clip_denoised: bool = True,
+    return_every: Optional[int] = None,
+):
+  """Algorithm 2 from x_t at array timestep ``t_start`` down to x_0 (one scan).
+
+  Args:
+    x_t: [B, H, W, C], a sample at timestep ``t_start`` (T - 1 for x_T).
+    noise_fn: t (int32 scalar) -> the noise z_t of that step, broadcastable to
+      x_t, so the caller decides which examples share noise (the paper's
+      interpolations decode every mixture with the same noise).
+    return_every: record the trajectory every K steps (see ``ancestral_sample_loop``).
+  Returns: x_0 [B, H, W, C], or (x_0, trajectory) with ``return_every``.
+  """
+
+  def step(x, t):
+    return ancestral_step(diffusion, model_fn, x, t, noise_fn(t), clip_denoised)
+
+  x, traj = _scan_steps(step, x_t, t_start, return_every)
+  return x if return_every is None else (x, traj)
+
+
+def ancestral_sample_loop(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape: Sequence[int],
+    key: jax.Array,
+    clip_denoised: bool = True,
+    noise: Optional[jax.Array] = None,
+    return_every: Optional[int] = None,
+):
+  """Algorithm 2: x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z; return x_0.
+
+  Args:
+    diffusion: the process (possibly respaced).
+    model_fn: (x_t [B, H, W, C], t [B] int) -> output.
+    shape: (B, H, W, C).
+    key: PRNG key.
+    clip_denoised: clip predicted x0 to [-1, 1] at each step (the paper does).
+    noise: optional x_T [B, H, W, C]; drawn from the key when None.
+    return_every: record the trajectory every K steps (the paper's Fig. 6).
+  Returns:
+    x0 [B, H, W, C] (roughly in [-1, 1]), or (x0, trajectory) with
+    trajectory['x_t'], trajectory['pred_xstart']: [T/K, B, H, W, C] and
+    trajectory['t'] [T/K], when ``return_every`` is given.
+  """
+  T = diffusion.num_timesteps
+  x = _initial_noise(key, T, shape) if noise is None else noise
+  return ancestral_from(
+      diffusion, model_fn, x, T - 1, _step_noise(key, shape), clip_denoised, return_every
+  )
+
+
+def ddim_sample_loop(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape: Sequence[int],
+    key: jax.Array,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    noise: Optional[jax.Array] = None,
+    return_every: Optional[int] = None,
+):
+  """DDIM (Song et al. 2021, Eq. 12): deterministic at eta = 0, DDPM-like at eta = 1.
+
+  x_{t-1} = sqrt(ab_{t-1}) x0_hat + sqrt(1 - ab_{t-1} - s_t^2) eps_hat + s_t z,
+  s_t = eta sqrt((1 - ab_{t-1}) / (1 - ab_t)) sqrt(1 - ab_t / ab_{t-1}).
+  Usually run on a respaced process (e.g. 50 steps). Arguments and return as
+  ``ancestral_sample_loop``.
+  """
+  T = diffusion.num_timesteps
+  x = _initial_noise(key, T, shape) if noise is None else noise
+  step_noise = _step_noise(key, shape)
+
+  def step(x, t_scalar):
+    t, out = _predict(diffusion, model_fn, x, t_scalar, clip_denoised)
+    x0 = out["pred_xstart"]
+    eps = diffusion.predict_eps_from_xstart(x, t, x0)
+    ab = extract(diffusion.alphas_cumprod, t, x.ndim)
+    ab_prev = extract(diffusion.alphas_cumprod_prev, t, x.ndim)
+    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
+    mean = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1 - ab_prev - sigma**2) * eps
+    nonzero = (t_scalar > 0).astype(x.dtype)
+    return mean + nonzero * sigma * step_noise(t_scalar), x0
+
+  x, traj = _scan_steps(step, x, T - 1, return_every)
+  return x if return_every is None else (x, traj)
+
+
+def ddim_reverse_loop(
+    diffusion: GaussianDiffusion, model_fn: ModelFn, x0: jax.Array, clip_denoised: bool = False
+) -> jax.Array:
+  """Deterministic DDIM encoding x0 -> x_T (the eta = 0 ODE run forwards).
+
+  x_{t+1} = sqrt(ab_{t+1}) x0_hat(x_t) + sqrt(1 - ab_{t+1}) eps_hat(x_t), starting
+  from x_0 at the first step. ``ddim_sample_loop(..., eta=0, noise=x_T)`` maps
+  the result back to x0 up to discretisation error.
+
+  Args: x0: [B, H, W, C] in [-1, 1]. Returns: x_T [B, H, W, C].
+  """
+  T = diffusion.num_timesteps
+
+  def step(x, t_scalar):
+    t, out = _predict(diffusion, model_fn, x, t_scalar, clip_denoised)
+    xs = out["pred_xstart"]
+    eps = diffusion.predict_eps_from_xstart(x, t, xs)
+    ab_next = extract(diffusion.alphas_cumprod_next, t, x.ndim)
+    return jnp.sqrt(ab_next) * xs + jnp.sqrt(1 - ab_next) * eps, None
+
+  # Steps t = 0 .. T-2 reach x_{T-1}, the last index of the array convention.
+  x, _ = jax.lax.scan(step, x0, jnp.arange(0, T - 1, dtype=jnp.int32))
+  return x

@@ -1,0 +1,457 @@
+"""``--mode=eval_fid``: FID (against the train and the eval split) and Inception Score (Table 1).
+
+  python main.py --config=configs/cifar10.py --workdir=DIR --mode=eval_fid
+  python -m ddpm_jax.evaluation.fid --config=configs/cifar10.py --stats_only [--stats_dir=DIR]
+
+Evaluates the EMA parameters of the newest checkpoint (or of
+``sampling.checkpoint_step``) and writes into ``workdir/eval``:
+
+  fid_step{S}.json        FID against the train and the eval split, IS.
+  stats_*.npz             cached reference statistics (or in ``eval.stats_dir``).
+
+The samples come from ``workdir/samples/samples_{tag}[_fid{N}].npz`` when such
+a file holds enough images drawn with the config's sampler settings (e.g. from
+--mode=sample); otherwise they are drawn in resumable chunks
+(``workdir/eval/fid_chunks_*``) and written to
+``workdir/samples/samples_{tag}_fid{N}.npz`` + a grid. The tag
+(``sample.sample_tag``) names the step, the sampler and every setting of the
+draw, so other settings never overwrite earlier samples.
+
+Features: the digits MLP for ``data.dataset == 'digits'``, else Inception-v3
+(``features.py``; weights from ``eval.inception_weights``, or
+$DDPM_JAX_INCEPTION_WEIGHTS, or its default path; a missing file fails before
+any sampling).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from typing import Iterator, Optional
+
+from absl import logging
+import jax
+import numpy as np
+
+from ddpm_jax import errors, files, images as image_lib, sample, workdirs
+from ddpm_jax.data import pipeline, sources
+from ddpm_jax.evaluation import metrics
+from ddpm_jax.evaluation.bpd import allgather, eval_dir, fmt_eta
+from ddpm_jax.evaluation.features import FeatureExtractor, extractor_name, get_feature_extractor
+from ddpm_jax.training import checkpoint
+from ddpm_jax.training import state as state_lib
+
+STATS_DIR_ENV_VAR = "DDPM_JAX_STATS_DIR"
+# Reference statistics use at most this many examples of a split (all of CIFAR-10's
+# 50k training images; the first 50k of the large LSUN splits).
+MAX_REFERENCE_EXAMPLES = 50_000
+IS_SPLITS = 10
+
+
+# ----------------------------------------------------------------------------
+# Reference statistics
+# ----------------------------------------------------------------------------
+
+
+def default_stats_dir(config, workdir: Optional[str]) -> str:
+  """eval.stats_dir if set, else $DDPM_JAX_STATS_DIR, else workdir/eval."""
+  d = config.eval.stats_dir or os.environ.get(STATS_DIR_ENV_VAR, "")
+  if d:
+    return d
+  if workdir is None:
+    raise ValueError("give a workdir or a stats_dir (eval.stats_dir or $DDPM_JAX_STATS_DIR)")
+  return eval_dir(workdir)
+
+
+def reference_statistics_path(config, split: str, stats_dir: str) -> str:
+  """stats_{dataset}{image_size}_{split}_{extractor}.npz in ``stats_dir``."""
+  dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset)
+  if config.data.dataset == "folder":
+    folder = os.path.abspath(config.data.folder)
+    digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
+    dataset += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(folder.rstrip("/")))
+    dataset += "_" + digest  # two folders with the same name get different files
+  return os.path.join(
+      stats_dir, f"stats_{dataset}{config.data.image_size}_{split}_" f"{extractor_name(config)}.npz"
+  )
+
+
+def _split_uint8_batches(config, split: str, max_examples: int, batch: int) -> Iterator[np.ndarray]:
+  """Consecutive uint8 [b, H, W, C] chunks of the first ``max_examples`` of a split."""
+  data = config.data
+  if data.dataset in sources.TFDS_DATASETS and not data.in_memory:
+    it = pipeline.create_eval_iterator(
+        data, batch, process_index=0, process_count=1, local_device_count=1, split=split
+    )
+    seen = 0
+    for x, mask in it:
+      x = image_lib.to_uint8(x[0][mask[0]])
+      x = x[: max_examples - seen]
+      seen += x.shape[0]
+      yield x
+      if seen >= max_examples:
+        return
+  else:
+    images = sources.load_split_array(data, split, max_examples=max_examples)
+    images = images[:max_examples]
+    for lo in range(0, images.shape[0], batch):
+      yield images[lo : lo + batch]
+
+
+def compute_reference_statistics(
+    config,
+    split: str,
+    path: Optional[str] = None,
+    extractor: Optional[FeatureExtractor] = None,
+    max_examples: int = MAX_REFERENCE_EXAMPLES,
+):
+  """Feature mean and covariance of (the first ``max_examples`` of) a data split.
+
+  Writes them to ``path`` (if given; keys mu, sigma, num_examples, extractor,
+  dataset, split, image_size; readable by ``metrics.load_statistics``) and
+  returns (mu [F], sigma [F, F], num_examples).
+  """
+  extractor = extractor or get_feature_extractor(config)
+  start = time.time()
+  feats = []
+  n = 0
+  for chunk in _split_uint8_batches(config, split, max_examples, 4096):
+    f, _ = extractor(chunk)
+    feats.append(f)
+    n += f.shape[0]
+    logging.info(
+        "reference features of %r: %d images (%.1f images/s)",
+        split,
+        n,
+        n / max(time.time() - start, 1e-9),
+    )
+  feats = np.concatenate(feats)
+  mu, sigma = metrics.feature_statistics(feats)
+  logging.info(
+      "Reference statistics of %s split %r (%d examples, %s features) in %.1f s",
+      config.data.dataset,
+      split,
+      n,
+      extractor.name,
+      time.time() - start,
+  )
+  if path is not None and jax.process_index() == 0:
+    files.savez(
+        path,
+        mu=mu,
+        sigma=sigma,
+        num_examples=np.int64(n),
+        extractor=np.array(extractor.name),
+        dataset=np.array(config.data.dataset),
+        split=np.array(split),
+        image_size=np.int64(config.data.image_size),
+    )
+    logging.info("Wrote %s", path)
+  return mu, sigma, n
+
+
+def get_reference_statistics(
+    config, split: str, stats_dir: str, extractor: Optional[FeatureExtractor] = None
+):
+  """Cached statistics of a split: (mu, sigma, path, computed_now)."""
+  path = reference_statistics_path(config, split, stats_dir)
+  if os.path.exists(path):
+    mu, sigma = metrics.load_statistics(path)
+    logging.info("Using cached reference statistics %s", path)
+    return mu, sigma, path, False
+  mu, sigma, _ = compute_reference_statistics(config, split, path, extractor)
+  return mu, sigma, path, True
+
+
+# ----------------------------------------------------------------------------
+# Samples for FID
+# ----------------------------------------------------------------------------
+
+
+def find_existing_samples(
+    workdir: str, tag: str, num: int, settings: Optional[dict] = None
+) -> Optional[str]:
+  """A samples_{tag}*.npz in workdir/samples with >= num images (the largest), or None.
+
+  With ``settings`` (``sample.sampler_settings``), only files that stored the
+  same settings count: samples drawn with another eta, clipping or seed, or
+  files from before settings were stored, are not reused.
+  """
+  best, best_n = None, -1
+  for path in glob.glob(os.path.join(workdir, "samples", f"samples_{tag}*.npz")):
+    rest = os.path.basename(path)[len(f"samples_{tag}") : -len(".npz")]
+    if rest and not re.fullmatch(r"_fid\d+", rest):
+      continue  # another tag that merely starts like this one (e.g. step1 vs step10)
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        count = z["images"].shape[0]
+        stored = sample.read_settings(z)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if settings is not None and stored != settings:
+      logging.info("Not reusing %s: drawn with %s, the config asks for %s", path, stored, settings)
+      continue
+    if count >= num and count > best_n:
+      best, best_n = path, count
+  return best
+
+
+def generate_fid_samples(config, workdir: str, model, params, step: int, num: int):
+  """``num`` EMA samples (uint8 [num, H, W, C]) in resumable chunks of one sampler call.
+
+  Call i uses the key of ``sample.generate`` (fold_in(PRNGKey(sampling.seed),
+  i)), so the images equal those of --mode=sample with the same seed and batch
+  size. Each finished call is saved to workdir/eval/fid_chunks_{tag}/; a
+  restarted run only draws the missing calls. Returns (images, path written).
+  """
+  s = config.sampling
+  d = jax.local_device_count()
+  per_call = int(s.batch_size)
+  if per_call % d:
+    raise ValueError(
+        f"config.sampling.batch_size={per_call} must be divisible by the number "
+        f"of local devices ({d})"
+    )
+  diffusion = state_lib.build_sampling_diffusion(config)
+  tag = sample.sample_tag(config, step, diffusion.num_timesteps)
+  settings = sample.sampler_settings(config, diffusion.num_timesteps)
+  chunk_dir = os.path.join(eval_dir(workdir), f"fid_chunks_{tag}_bs{per_call}")
+  os.makedirs(chunk_dir, exist_ok=True)
+  pcount, pindex = jax.process_count(), jax.process_index()
+  num_local = -(-num // pcount)
+  calls = -(-num_local // per_call)
+  first = pindex * calls
+  chunk_path = lambda i: os.path.join(chunk_dir, f"call_{i:06d}.npz")
+  have = {}
+  for i in range(first, first + calls):
+    if os.path.exists(chunk_path(i)):
+      try:
+        with np.load(chunk_path(i), allow_pickle=False) as z:
+          have[i] = np.asarray(z["images"])
+      except Exception:  # pylint: disable=broad-except
+        pass
+  todo = [i for i in range(first, first + calls) if i not in have]
+  logging.info(
+      "FID samples: %d needed, %d of %d sampler calls (%d images each, %s, %d steps) "
+      "already in %s",
+      num,
+      len(have),
+      calls,
+      per_call,
+      s.sampler,
+      diffusion.num_timesteps,
+      chunk_dir,
+  )
+  if todo:
+    p_sample = sample.make_p_sample(model, diffusion, config, per_call // d)
+    p_params = state_lib.replicate(params)
+    start = time.time()
+    for j, i in enumerate(todo):
+      imgs = sample.generate(
+          p_sample, p_params, per_call, per_call, s.seed, first_call=i, log_progress=False
+      )
+      files.savez(chunk_path(i), images=imgs)
+      have[i] = imgs
+      if j > 0:  # the first call includes compilation
+        rate = j * per_call / (time.time() - t1)
+        logging.info(
+            "FID samples: call %d/%d, %.2f images/s, ETA %s",
+            len(have),
+            calls,
+            rate,
+            fmt_eta((len(todo) - j - 1) * per_call / rate),
+        )
+      else:
+        t1 = time.time()
+        logging.info("FID samples: first call done in %.1f s (compilation included)", t1 - start)
+  images = np.concatenate([have[i] for i in range(first, first + calls)])[:num_local]
+  if pcount > 1:
+    images = allgather(images).reshape((-1,) + images.shape[1:])
+  images = images[:num]
+  path = None
+  if jax.process_index() == 0:
+    npz, _ = sample.write_samples(
+        os.path.join(workdir, "samples"), images, f"{tag}_fid{num}", settings
+    )
+    path = npz
+    shutil.rmtree(chunk_dir, ignore_errors=True)
+  return images, path
+
+
+# ----------------------------------------------------------------------------
+# FID / IS
+# ----------------------------------------------------------------------------
+
+
+def fid_from_images(
+    images: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, extractor: FeatureExtractor
+) -> float:
+  """FID of uint8 images [N, H, W, C] against reference statistics."""
+  f, _ = extractor(images)
+  mu, sigma = metrics.feature_statistics(f)
+  return metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+
+
+def run_eval_fid(config, workdir: str) -> dict:
+  """--mode=eval_fid: FID (vs the train and the eval split) and IS of ``eval.num_fid_samples``.
+
+  Writes and returns (workdir/eval/fid_step{S}.json) a dict with:
+    step, num_samples, extractor, fid_train, fid_test (against data.eval_split),
+    is_mean, is_std, is_splits, train_split, eval_split, sampler,
+    sampling_steps, samples_file, samples_reused, reference_stats
+    ({split: path}), reference_stats_computed (splits computed by this call),
+    elapsed_s.
+  """
+  start = time.time()
+  num = int(config.eval.num_fid_samples)
+  # The extractor first: a missing Inception file fails before any sampling.
+  extractor = get_feature_extractor(config)
+  model, params, step = checkpoint.restore_ema(config, workdir)
+  workdirs.write_record(config, workdir, "eval_fid")
+  num_timesteps = state_lib.build_sampling_diffusion(config).num_timesteps
+  tag = sample.sample_tag(config, step, num_timesteps)
+  settings = sample.sampler_settings(config, num_timesteps)
+  existing = find_existing_samples(workdir, tag, num, settings)
+  if existing is not None:
+    with np.load(existing, allow_pickle=False) as z:
+      images = np.asarray(z["images"][:num])
+    logging.info("Using %d existing samples from %s", num, existing)
+    samples_file, reused = existing, True
+  else:
+    images, samples_file = generate_fid_samples(config, workdir, model, params, step, num)
+    reused = False
+
+  stats_dir = default_stats_dir(config, workdir)
+  train_split, eval_split = config.data.train_split, config.data.eval_split
+  refs, computed, paths = {}, [], {}
+  for split in dict.fromkeys([train_split, eval_split]):
+    mu, sigma, path, was_computed = get_reference_statistics(config, split, stats_dir, extractor)
+    refs[split] = (mu, sigma)
+    paths[split] = path
+    if was_computed:
+      computed.append(split)
+
+  feats, probs = extractor(images)
+  mu, sigma = metrics.feature_statistics(feats)
+  fid_train = metrics.frechet_distance(mu, sigma, *refs[train_split])
+  fid_test = metrics.frechet_distance(mu, sigma, *refs[eval_split])
+  splits = min(IS_SPLITS, num)
+  is_mean, is_std = metrics.inception_score(probs, num_splits=splits)
+  result = dict(
+      step=step,
+      num_samples=int(images.shape[0]),
+      extractor=extractor.name,
+      fid_train=float(fid_train),
+      fid_test=float(fid_test),
+      is_mean=float(is_mean),
+      is_std=float(is_std),
+      is_splits=splits,
+      train_split=train_split,
+      eval_split=eval_split,
+      sampler=config.sampling.sampler,
+      sampling_steps=num_timesteps,
+      samples_file=samples_file,
+      samples_reused=reused,
+      reference_stats=paths,
+      reference_stats_computed=computed,
+      elapsed_s=time.time() - start,
+  )
+  path = os.path.join(eval_dir(workdir), f"fid_step{step}.json")
+  if jax.process_index() == 0:
+    files.write_json(path, result)
+  logging.info(
+      "step %d: FID %.3f (vs %s), %.3f (vs %s), IS %.3f +- %.3f over %d samples "
+      "(%s features); wrote %s",
+      step,
+      fid_train,
+      train_split,
+      fid_test,
+      eval_split,
+      is_mean,
+      is_std,
+      result["num_samples"],
+      extractor.name,
+      path,
+  )
+  return result
+
+
+def run_stats_only(
+    config,
+    workdir: Optional[str] = None,
+    stats_dir: Optional[str] = None,
+    splits=None,
+    force: bool = False,
+) -> dict:
+  """Precomputes (or recomputes with ``force``) the reference statistics; returns {split: path}."""
+  stats_dir = stats_dir or default_stats_dir(config, workdir)
+  extractor = get_feature_extractor(config)
+  out = {}
+  for split in dict.fromkeys(splits or [config.data.train_split, config.data.eval_split]):
+    path = reference_statistics_path(config, split, stats_dir)
+    if force or not os.path.exists(path):
+      compute_reference_statistics(config, split, path, extractor)
+    else:
+      logging.info("%s exists (use --force to recompute)", path)
+    out[split] = path
+  return out
+
+
+# ----------------------------------------------------------------------------
+# CLI: python -m ddpm_jax.evaluation.fid --config=... --stats_only
+# ----------------------------------------------------------------------------
+
+
+def _cli() -> None:
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
+  flags.DEFINE_string(
+      "workdir",
+      None,
+      "Run directory; statistics go to workdir/eval unless "
+      "--stats_dir / eval.stats_dir / $DDPM_JAX_STATS_DIR is set.",
+  )
+  flags.DEFINE_string("stats_dir", None, "Directory of the cached reference statistics.")
+  flags.DEFINE_bool(
+      "stats_only",
+      False,
+      "Compute the reference statistics of the train and "
+      "eval splits (required: the only action of this CLI).",
+  )
+  flags.DEFINE_list(
+      "splits", None, "Splits to compute (default: data.train_split, " "data.eval_split)."
+  )
+  flags.DEFINE_bool("force", False, "Recompute existing statistics files.")
+  flags.mark_flags_as_required(["config"])
+  FLAGS = flags.FLAGS
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.stats_only:
+      raise app.UsageError("only --stats_only is supported here; use main.py --mode=eval_fid")
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+      jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
+    FLAGS.alsologtostderr = True
+    try:
+      paths = run_stats_only(
+          FLAGS.config, FLAGS.workdir, FLAGS.stats_dir, FLAGS.splits, FLAGS.force
+      )
+    except errors.UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      raise SystemExit(1)
+    print(json.dumps(paths, indent=2))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()

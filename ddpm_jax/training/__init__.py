@@ -1,0 +1,1 @@
+"""Training: the state and its builders, the pmap-ed step, checkpoints and the loop."""

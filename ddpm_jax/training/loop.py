@@ -1,0 +1,235 @@
+"""The training loop (``--mode=train``): resume, step, log, checkpoint, sample grids, stop cleanly.
+
+Writes to the workdir: ``checkpoints/`` (orbax), ``events.*`` (TensorBoard: loss,
+mse, vb, grad_norm, lr, steps/s, images/s, sample grids) and
+``samples/grid_step_*.png`` (EMA samples every ``training.sample_every_steps``).
+SIGTERM/SIGINT finish the current call, write a checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from ddpm_jax import errors, images, sample, workdirs
+from ddpm_jax.data import pipeline
+from ddpm_jax.training import checkpoint
+from ddpm_jax.training import state as state_lib
+from ddpm_jax.training import step as step_lib
+from ddpm_jax.training.state import TrainState
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT: finish the current call, checkpoint, exit cleanly."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def install(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.signum = signum
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self) -> bool:
+    """Whether any process received a signal (all processes agree, so they stop together)."""
+    local = self.signum is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+
+def _stacked_batches(iterator, n: int, start_step: int, poison_step: int = -1):
+  """Groups n consecutive step batches (leaves [D, b, ...]) into one (leaves [D, n, b, ...]).
+
+  The images of step ``poison_step`` (counting steps from 0) are replaced by NaN,
+  to exercise the non-finite guards (``training.debug_poison_step``).
+  """
+  step = start_step
+  while True:
+    group = [next(iterator) for _ in range(n)]
+    for i in range(n):
+      if step + i == poison_step:
+        group[i] = dict(group[i], image=np.full_like(group[i]["image"], np.nan))
+    step += n
+    yield jax.tree.map(lambda *xs: np.stack(xs, axis=1), *group)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains to ``training.num_train_steps``, resuming from ``workdir`` if it holds a checkpoint.
+
+  Returns the final state (host arrays).
+  """
+  from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+
+  tcfg = config.training
+  model = state_lib.build_model(config)
+  diffusion = state_lib.build_diffusion(config)
+  tx = state_lib.create_optimizer(config.optim)
+  manager = checkpoint.create_manager(workdir, keep=tcfg.keep_checkpoints)
+  state = state_lib.create_train_state(config, model, tx)
+  restored = checkpoint.restore_train_state(manager, state, config)
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from the checkpoint at step %d in %s", int(state.step), workdir)
+  start_step = int(state.step)
+  if start_step >= tcfg.num_train_steps:
+    logging.info(
+        "workdir is at step %d >= num_train_steps %d: nothing to train",
+        start_step,
+        tcfg.num_train_steps,
+    )
+    return state
+  batches = pipeline.create_train_iterator(
+      config.data, tcfg.batch_size, start_step=start_step, num_classes=config.model.num_classes
+  )
+  workdirs.write_record(config, workdir, "train")
+  n = tcfg.steps_per_call
+  logging.info(
+      "Model: %s parameters%s; %s; %d local devices, %d processes",
+      f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
+      " (CPU kernels)" if model.cpu_kernels else "",
+      diffusion,
+      jax.local_device_count(),
+      jax.process_count(),
+  )
+
+  is_chief = jax.process_index() == 0
+  writer = tensorboard.SummaryWriter(workdir) if is_chief else None
+  p_state = state_lib.replicate(state)
+  del state
+  p_step = step_lib.make_p_train_step(model, diffusion, tx, config)
+  batches = pipeline.prefetch_to_device(
+      _stacked_batches(batches, n, start_step, tcfg.debug_poison_step), tcfg.prefetch
+  )
+
+  sample_fn = None
+  if tcfg.sample_every_steps:
+    per_device = -(-tcfg.num_grid_samples // jax.local_device_count())
+    sample_fn = sample.make_p_sample(
+        model, state_lib.build_sampling_diffusion(config), config, per_device
+    )
+
+  stop = _StopFlag().install()
+  step = start_step
+  last_good = manager.latest_step()
+  bad_in_a_row = 0
+  unread = []  # device metrics not yet read back: reading syncs, so it waits for log points
+  t_log, step_log = time.time(), step
+
+  def read_metrics():
+    """Reads the unread metrics, stops on non-finite steps as configured, returns means."""
+    nonlocal bad_in_a_row, unread
+    if not unread:
+      return None
+    # Copied whole and indexed on the host: x[0] on the device would dispatch one
+    # small program per metric and step on every device behind the queued steps.
+    got = [(first, jax.tree.map(lambda x: x[0], m)) for first, m in jax.device_get(unread)]
+    unread = []
+    sums, count = {}, 0
+    for first, m in got:
+      for i, bad in enumerate(m["nonfinite"]):
+        bad_in_a_row = bad_in_a_row + 1 if bad else 0
+        if not bad:
+          continue
+        logging.warning(
+            "Non-finite loss or gradients at step %d (loss %s, grad norm %s): " "update skipped.",
+            first + i + 1,
+            m["loss"][i],
+            m["grad_norm"][i],
+        )
+        if tcfg.nan_policy == "stop" or bad_in_a_row >= tcfg.max_consecutive_nonfinite:
+          raise errors.NonFiniteError(
+              f"stopped at step {first + i + 1} after {bad_in_a_row} non-finite step(s) in a "
+              f"row (training.nan_policy={tcfg.nan_policy!r}, "
+              f"training.max_consecutive_nonfinite={tcfg.max_consecutive_nonfinite}); "
+              + (
+                  f"the last good checkpoint, step {last_good} in {manager.directory}, is intact"
+                  if last_good is not None
+                  else "no checkpoint had been written yet"
+              )
+          )
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(np.sum(v))
+      count += len(m["loss"])
+    means = {k: v / count for k, v in sums.items()}
+    means["lr"] = float(got[-1][1]["lr"][-1])
+    return means
+
+  def crossed(every: int) -> bool:
+    return bool(every) and step // every > (step - n) // every
+
+  def save():
+    read_metrics()  # never checkpoint past a step that should have stopped the run
+    if checkpoint.save(manager, state_lib.unreplicate(p_state), config):
+      logging.info("Checkpoint at step %d written to %s", step, manager.directory)
+
+  try:
+    while step < tcfg.num_train_steps:
+      p_state, metrics = p_step(p_state, next(batches))
+      unread.append((step, metrics))
+      step += n
+      if crossed(tcfg.log_every_steps) or step >= tcfg.num_train_steps:
+        means = read_metrics()
+        rate = (step - step_log) / max(time.time() - t_log, 1e-9)
+        eta = (tcfg.num_train_steps - step) / max(rate, 1e-9)
+        logging.info(
+            "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  "
+            "%.1f images/s  ETA %s",
+            step,
+            tcfg.num_train_steps,
+            means["loss"],
+            means["grad_norm"],
+            means["lr"],
+            rate,
+            rate * tcfg.batch_size,
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
+        if writer is not None:
+          for k, v in means.items():
+            writer.scalar(f"train/{k}", v, step)
+          writer.scalar("train/steps_per_sec", rate, step)
+          writer.scalar("train/images_per_sec", rate * tcfg.batch_size, step)
+          writer.flush()
+        t_log, step_log = time.time(), step
+      if crossed(tcfg.checkpoint_every_steps) and step < tcfg.num_train_steps:
+        save()
+        last_good = step
+      if sample_fn is not None and crossed(tcfg.sample_every_steps):
+        imgs = sample.generate(
+            sample_fn,
+            p_state.ema_params,
+            tcfg.num_grid_samples,
+            per_call=tcfg.num_grid_samples,
+            seed=config.sampling.seed,
+            log_progress=False,
+        )
+        if is_chief:
+          path = os.path.join(workdir, "samples", f"grid_step_{step}.png")
+          images.save_grid(path, imgs)
+          writer.image("samples/ema", images.display_grid(imgs)[None], step)
+        t_log = time.time()  # sampling time is not training time
+      if stop.should_stop():
+        logging.info("Signal %s received: checkpointing step %d and stopping.", stop.signum, step)
+        break
+    save()
+    return state_lib.unreplicate(p_state)
+  finally:
+    stop.restore()
+    if writer is not None:
+      writer.flush()

@@ -1,0 +1,217 @@
+"""What every program builds from a config: the model, the processes, the optimizer, the state.
+
+Shared by training, sampling and evaluation: the U-Net of ``config.model``, the
+diffusion of ``config.diffusion`` (the full process, or the respaced one the
+sampler walks), Adam with warm-up and clipping, the ``TrainState`` saved in
+checkpoints, and its replication over the local devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ddpm_jax.diffusion import schedules
+from ddpm_jax.diffusion.gaussian import GaussianDiffusion, respaced
+from ddpm_jax.models.unet import UNet
+
+# The pmap axis of every sharded program (and the name of the 1-D device mesh).
+AXIS = "batch"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that determines the rest of a run (saved in every checkpoint).
+
+  step: int32 scalar, optimiser steps taken.
+  params: the network parameters (float32).
+  ema_params: their exponential moving average (used for sampling).
+  opt_state: the optax state (Adam moments, step counts).
+  rng: the run's base PRNG key; step and example index are folded into it.
+  """
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def cpu_kernels_active(config: ml_collections.ConfigDict, platform: Optional[str] = None) -> bool:
+  """Whether ``config.model.cpu_kernels`` is in effect: asked for and the backend is the CPU.
+
+  ``platform``: 'cpu', 'gpu' or 'tpu' (default: JAX's default backend).
+  """
+  return bool(config.model.cpu_kernels) and (platform or jax.default_backend()) == "cpu"
+
+
+def auto_choice(
+    choice: str, config, platform: Optional[str], with_cpu_kernels: str, otherwise: str
+) -> str:
+  """``choice``, with 'auto' resolved: ``with_cpu_kernels`` when they are active, else ``otherwise``."""
+  if choice != "auto":
+    return choice
+  return with_cpu_kernels if cpu_kernels_active(config, platform) else otherwise
+
+
+def get_betas(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The float64 schedule beta_1..beta_T of ``config.diffusion``: [T]."""
+  d = config.diffusion
+  return schedules.get_beta_schedule(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end)
+
+
+def _diffusion_kwargs(config):
+  d = config.diffusion
+  return dict(
+      model_mean_type=d.model_mean_type, model_var_type=d.model_var_type, loss_type=d.loss_type
+  )
+
+
+def build_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
+  """The training process (all T steps)."""
+  return GaussianDiffusion(get_betas(config), **_diffusion_kwargs(config))
+
+
+def build_sampling_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
+  """The process the sampler walks: all T steps, or the respaced subset of ``sampling.num_steps``."""
+  betas = get_betas(config)
+  s = config.sampling
+  if not s.num_steps or s.num_steps == len(betas):
+    return GaussianDiffusion(betas, **_diffusion_kwargs(config))
+  spec = f"ddim{s.num_steps}" if s.sampler == "ddim" else str(s.num_steps)
+  return respaced(betas, schedules.space_timesteps(len(betas), spec), **_diffusion_kwargs(config))
+
+
+def build_model(config: ml_collections.ConfigDict, platform: Optional[str] = None) -> UNet:
+  """The U-Net of ``config.model``; 2x channels out when the variance is learned.
+
+  ``platform`` (default: JAX's backend) decides whether ``model.cpu_kernels`` applies.
+  """
+  m = config.model
+  learned = config.diffusion.model_var_type in ("learned", "learned_range")
+  return UNet(
+      ch=m.ch,
+      ch_mult=tuple(m.ch_mult),
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions),
+      dropout=m.dropout,
+      resamp_with_conv=m.resamp_with_conv,
+      out_ch=config.data.channels * (2 if learned else 1),
+      num_classes=m.num_classes or None,
+      dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype],
+      remat=m.remat,
+      cpu_kernels=cpu_kernels_active(config, platform),
+  )
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """lr * min(step / warmup, 1), as the paper's code (0 at the first step)."""
+  if optim.warmup_steps <= 0:
+    return lambda count: jnp.asarray(optim.lr, jnp.float32)
+  return lambda count: optim.lr * jnp.minimum(count / optim.warmup_steps, 1.0)
+
+
+def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with linear warm-up and global-norm clipping (paper: 2e-4, 5000, 1.0)."""
+  parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+  parts += [
+      optax.scale_by_adam(b1=optim.beta1, b2=optim.beta2, eps=optim.eps),
+      optax.scale_by_learning_rate(learning_rate_schedule(optim)),
+  ]
+  return optax.chain(*parts)
+
+
+def image_shape(config) -> tuple[int, int, int]:
+  """(H, W, C) of one image of ``config.data``."""
+  return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def init_params(model: UNet, config, rng: jax.Array):
+  """Parameters of ``model`` for ``config``'s image shape (float32)."""
+  x = jnp.zeros((1,) + image_shape(config), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+  return model.init({"params": rng}, x, t, y, train=False)["params"]
+
+
+def abstract_params(model: UNet, config):
+  """The parameter tree as ``jax.ShapeDtypeStruct`` leaves (nothing computed)."""
+  return jax.eval_shape(functools.partial(init_params, model, config), jax.random.PRNGKey(0))
+
+
+def create_train_state(config, model: UNet, tx: optax.GradientTransformation) -> TrainState:
+  """A fresh state on the host: params from ``training.seed``, EMA = params."""
+  rng = jax.random.PRNGKey(config.training.seed)
+  init_rng, run_rng = jax.random.split(rng)
+  params = jax.jit(functools.partial(init_params, model, config))(init_rng)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree.map(jnp.copy, params),
+      opt_state=tx.init(params),
+      rng=run_rng,
+  )
+
+
+def make_model_fn(model: UNet, params, train: bool = False, dropout_keys=None, labels=None):
+  """model_fn(x_t [B, H, W, C], t [B]) -> output, the network as the diffusion core sees it.
+
+  ``labels``: [B] int class labels of a conditional model. At train time each
+  example's dropout masks come from its own key (``dropout_keys`` [B]), not
+  from its place in a batch.
+  """
+  if not (train and model.dropout > 0):
+    return lambda x, t: model.apply({"params": params}, x, t, labels, train=False)
+  return lambda x, t: model.apply(
+      {"params": params}, x, t, labels, train=True, dropout_keys=dropout_keys
+  )
+
+
+def device_sharding(devices=None) -> jax.sharding.NamedSharding:
+  """Leading axis split over ``devices`` (default: the local ones), on a mesh named ``AXIS``.
+
+  The name matters: jax 0.10 treats a mesh with another axis name as another
+  sharding and re-lays the arrays out on every pmap call.
+  """
+  devices = list(devices or jax.local_devices())
+  return jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
+  )
+
+
+def replicate(tree, devices=None):
+  """One copy per local device (or per device of ``devices``): leaves [D, ...], ready for pmap.
+
+  Each leaf goes to the host once and from there to each device as that
+  device's shard (``flax.jax_utils.replicate``'s layout, without its per-shape
+  compiled stack).
+  """
+  devices = list(devices or jax.local_devices())
+  sharding = device_sharding(devices)
+
+  def one(x):
+    x = np.asarray(x)[None]
+    return jax.make_array_from_single_device_arrays(
+        (len(devices),) + x.shape[1:], sharding, [jax.device_put(x, d) for d in devices]
+    )
+
+  return jax.tree_util.tree_map(one, tree)
+
+
+def unreplicate(tree):
+  """The first local device's copy, as numpy arrays on the host (works multi-process)."""
+
+  def first(x):
+    if not isinstance(x, jax.Array):
+      return np.asarray(x)[0]
+    shard = np.asarray(x.addressable_shards[0].data)
+    return shard[0] if shard.ndim == x.ndim else shard  # the shard may keep the device axis
+
+  return jax.tree.map(first, tree)

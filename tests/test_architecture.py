@@ -1,0 +1,132 @@
+"""The shape of the code base: a one-way import graph, a thin main.py, one config schema, one style.
+
+These read the source as text (``ast``), so they run in a second and need no JAX.
+"""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "ddpm_jax")
+
+
+def _modules():
+  """{'ddpm_jax.x.y': path} of every module in the package."""
+  out = {}
+  for root, _, names in os.walk(PACKAGE):
+    for name in names:
+      if name.endswith(".py"):
+        path = os.path.join(root, name)
+        module = os.path.relpath(path[:-3], ROOT).replace(os.sep, ".")
+        out[module.removesuffix(".__init__")] = path
+  return out
+
+
+def import_graph():
+  """{module: set of package modules it imports} (``import a.b`` and ``from a import b``)."""
+  modules = _modules()
+  edges = {m: set() for m in modules}
+  for module, path in modules.items():
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+      names = []
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        subs = [f"{node.module}.{a.name}" for a in node.names]
+        names = [n for n in subs if n in modules] or [node.module]
+      edges[module] |= {n for n in names if n in modules and n != module}
+  return edges
+
+
+def find_cycle(edges):
+  """One import cycle as a list of modules [a, b, ..., a], or None (depth-first search)."""
+  state, stack = {}, []
+
+  def visit(m):
+    state[m] = "open"
+    stack.append(m)
+    for n in sorted(edges[m]):
+      if state.get(n) == "open":
+        return stack[stack.index(n) :] + [n]
+      if n not in state:
+        cycle = visit(n)
+        if cycle:
+          return cycle
+    state[m] = "done"
+    stack.pop()
+    return None
+
+  for m in sorted(edges):
+    if m not in state:
+      cycle = visit(m)
+      if cycle:
+        return cycle
+  return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+  assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_one_that_imports_it_back():
+  edges = import_graph()
+  assert len(edges) > 30  # the walk found the package
+  assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_the_core_knows_nothing_of_flax_nor_of_the_programs():
+  """diffusion/ and cpu/ are pure JAX; the model never imports the diffusion process."""
+  modules = _modules()
+  for module, path in modules.items():
+    with open(path) as f:
+      text = f.read()
+    if module.startswith(("ddpm_jax.diffusion", "ddpm_jax.cpu")):
+      assert not re.search(r"^\s*(import flax|from flax)", text, re.M), module
+      assert not re.search(r"^\s*from ddpm_jax(\.(models|training|data|evaluation))", text, re.M)
+    if module.startswith("ddpm_jax.models"):
+      assert "ddpm_jax.diffusion" not in text, module
+
+
+def test_main_is_thin():
+  with open(os.path.join(ROOT, "main.py")) as f:
+    lines = f.read().splitlines()
+  assert len(lines) <= 80, len(lines)
+
+
+def test_the_library_reads_no_config_field_with_get():
+  """Every field is defined in configs/default.py, so the library reads them as attributes."""
+  offenders = []
+  for module, path in _modules().items():
+    with open(path) as f:
+      for i, line in enumerate(f, 1):
+        if re.search(r"\b(config|ev|s|t|m|data_config|tcfg)\.get\(", line):
+          offenders.append(f"{module}:{i}: {line.strip()}")
+  assert not offenders, offenders
+
+
+def test_every_default_field_has_a_comment():
+  """configs/default.py: each field's line is preceded by its comment."""
+  with open(os.path.join(ROOT, "configs", "default.py")) as f:
+    lines = f.read().splitlines()
+  fields = [i for i, l in enumerate(lines) if re.match(r"\s+\w+\.\w+ = ", l)]
+  assert len(fields) > 60
+  uncommented = [lines[i] for i in fields if not lines[i - 1].strip().startswith("#")]
+  assert not uncommented, uncommented
+
+
+def test_every_file_is_formatted_with_pyink():
+  """One formatter (pyproject.toml's [tool.pyink]) for every Python file."""
+  r = subprocess.run(
+      [sys.executable, "-m", "pyink", "--check", "--quiet", "."],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

@@ -1,0 +1,146 @@
+"""Tests for ddpm_jax.cpu.conv: the convolution with batch-chunked weight gradients.
+
+References are plain numpy in float64 (the convolution and its weight gradient
+written out as sums over taps), not the code under test.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax.cpu import conv
+
+
+def np_pad(x, strides, padding, k=3):
+  """x padded like lax's 'SAME' / 'VALID' / explicit pairs, float64; returns (xp, out_h, out_w)."""
+  _, H, W, _ = x.shape
+  if padding == "VALID":
+    pads = ((0, 0), (0, 0))
+  elif padding == "SAME":
+    pads = []
+    for size, s in zip((H, W), strides):
+      out = -(-size // s)
+      total = max((out - 1) * s + k - size, 0)
+      pads.append((total // 2, total - total // 2))
+  else:
+    pads = padding
+  xp = np.pad(x.astype(np.float64), ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  oh = (xp.shape[1] - k) // strides[0] + 1
+  ow = (xp.shape[2] - k) // strides[1] + 1
+  return xp, oh, ow
+
+
+def np_conv(x, kernel, strides, padding):
+  xp, oh, ow = np_pad(x, strides, padding, kernel.shape[0])
+  sh, sw = strides
+  out = 0.0
+  for i in range(kernel.shape[0]):
+    for j in range(kernel.shape[1]):
+      patch = xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw, :]
+      out = out + patch @ kernel[i, j].astype(np.float64)
+  return out
+
+
+def np_weight_grad(x, dy, ksize, strides, padding):
+  """dW[i, j] = sum_{b, h, w} x_pad[b, s*h + i, s*w + j, :]^T dy[b, h, w, :]."""
+  xp, oh, ow = np_pad(x, strides, padding, ksize)
+  sh, sw = strides
+  dw = np.zeros((ksize, ksize, x.shape[-1], dy.shape[-1]))
+  dy = dy.astype(np.float64)
+  for i in range(ksize):
+    for j in range(ksize):
+      patch = xp[:, i : i + sh * oh : sh, j : j + sw * ow : sw, :]
+      dw[i, j] = np.einsum("bhwc,bhwd->cd", patch, dy)
+  return dw
+
+
+@pytest.mark.parametrize(
+    "x_shape,out,itemsize,budget,expected",
+    [
+        ((4, 32, 32, 128), 128, 4, 1 << 19, 1),  # 512 KiB per example: one at a time
+        ((16, 32, 32, 32), 32, 4, 1 << 19, 4),  # 128 KiB per example
+        ((16, 8, 8, 256), 256, 4, 1 << 19, 8),  # 64 KiB per example
+        ((16, 32, 32, 128), 256, 4, 1 << 19, 1),  # the larger of Cin and Cout counts
+        ((16, 32, 32, 32), 32, 2, 1 << 19, 8),  # bfloat16 halves the bytes
+        ((6, 16, 16, 32), 32, 4, 1 << 17, 3),  # 4 would fit, but must divide 6
+        ((4, 32, 32, 128), 3, 4, 1 << 19, 4),  # few output channels: not chunked
+        ((4, 32, 32, 128), 128, 4, 0, 4),  # budget 0: not chunked
+        ((4, 64, 64, 512), 512, 4, 1 << 19, 1),  # larger than the budget: one per chunk
+    ],
+)
+def test_weight_grad_chunk(x_shape, out, itemsize, budget, expected):
+  assert conv.weight_grad_chunk(x_shape, out, itemsize, budget) == expected
+
+
+@pytest.mark.parametrize(
+    "strides,padding",
+    [
+        ((1, 1), "SAME"),
+        ((2, 2), "SAME"),  # the Downsample conv: TF pads 0 before, 1 after
+        ((1, 1), ((1, 0), (0, 1))),  # an Upsample phase
+        ((1, 1), "VALID"),
+    ],
+)
+def test_conv2d_values_and_gradients_match_numpy(monkeypatch, strides, padding):
+  """Forward, input gradient and chunked weight gradient against float64 sums over taps."""
+  monkeypatch.setattr(conv, "WEIGHT_GRAD_CHUNK_BYTES", 1)  # one example per chunk
+  rng = np.random.RandomState(0)
+  x = rng.randn(3, 6, 5, 16).astype(np.float32)  # odd, non-square
+  kernel = (0.2 * rng.randn(3, 3, 16, 16)).astype(np.float32)
+  y = np.asarray(conv.conv2d(jnp.asarray(x), jnp.asarray(kernel), strides, padding))
+  ref = np_conv(x, kernel, strides, padding)
+  np.testing.assert_allclose(y, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+  dy = rng.randn(*ref.shape).astype(np.float32)
+  grad = jax.jit(
+      jax.grad(lambda x, k: jnp.sum(conv.conv2d(x, k, strides, padding) * dy), argnums=(0, 1))
+  )
+  dx, dk = grad(jnp.asarray(x), jnp.asarray(kernel))
+  ref_dk = np_weight_grad(x, dy, 3, strides, padding)
+  np.testing.assert_allclose(np.asarray(dk), ref_dk, atol=1e-5 * np.abs(ref_dk).max(), rtol=0)
+  # The input gradient is the transpose of the forward map: <conv(x), dy> = <x, dx> for all x.
+  probe = rng.randn(*x.shape)
+  np.testing.assert_allclose(
+      np.sum(np_conv(probe, kernel, strides, padding) * dy),
+      np.sum(probe * np.asarray(dx, np.float64)),
+      rtol=1e-4,
+  )
+  # The program really was chunked: 1 input-gradient + 3 weight-gradient convs (the loss is
+  # linear in the output, so XLA drops the forward conv).
+  hlo = grad.lower(jnp.asarray(x), jnp.asarray(kernel)).compile().as_text()
+  assert hlo.count(" convolution(") == 4
+
+
+def test_chunked_weight_grad_bfloat16():
+  """bfloat16 chunks: within bfloat16 rounding of the float64 sum, and the partials added in float32."""
+  rng = np.random.RandomState(1)
+  x = rng.randn(8, 8, 8, 32).astype(np.float32)
+  dy = rng.randn(8, 8, 8, 32).astype(np.float32)
+  kernel = jnp.zeros((3, 3, 32, 32), jnp.bfloat16)
+  got = conv.chunked_weight_grad(
+      jnp.asarray(x, jnp.bfloat16), jnp.asarray(dy, jnp.bfloat16), kernel, (1, 1), "SAME", chunk=1
+  )
+  assert got.dtype == jnp.bfloat16
+  ref = np_weight_grad(
+      np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64),
+      np.asarray(jnp.asarray(dy, jnp.bfloat16), np.float64),
+      3,
+      (1, 1),
+      "SAME",
+  )
+  # bfloat16 keeps 8 bits: each chunk's and the final rounding, about 2^-8 relative.
+  np.testing.assert_allclose(
+      np.asarray(got, np.float64), ref, atol=0.02 * np.abs(ref).max(), rtol=0
+  )
+
+  # 1000 + 7 * 1 is 1007, which rounds to 1008 in bfloat16 (spacing 4 above 512). Adding
+  # the chunks in bfloat16 would round every 1000 + 1 back to 1000.
+  ones = jnp.ones((8, 1, 1, 1), jnp.bfloat16)
+  dy = jnp.asarray([1000.0] + [1.0] * 7, jnp.bfloat16).reshape(8, 1, 1, 1)
+  got = conv.chunked_weight_grad(
+      ones, dy, jnp.zeros((1, 1, 1, 1), jnp.bfloat16), (1, 1), "VALID", chunk=1
+  )
+  assert float(got.reshape(())) == 1008.0
