@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -428,3 +429,111 @@ def test_nan_policy_skip_stops_after_max_consecutive_nonfinite(tmp_path):
   ]
   assert "Traceback" not in out
   assert all_finite(load(workdir).params)
+
+
+# ----------------------------------------------------------------------------
+# One writer per workdir
+# ----------------------------------------------------------------------------
+
+
+def test_a_second_training_into_the_same_workdir_stops_at_once(tmp_path, reference):
+  """The first run holds the workdir's lock and finishes with the reference's state bit for bit;
+  the second (another learning rate) stops at once with one line naming the holder."""
+  _, ref_final = reference
+  workdir = str(tmp_path / "run")
+  first, first_log = _start(workdir, "--config.training.log_every_steps=1")
+  _wait_for_line(first, first_log, r"Model: ")  # past the lock
+  second = subprocess.run(
+      _cmd(workdir, "--config.optim.lr=2e-3"),
+      cwd=ROOT,
+      env={**os.environ, **ENV},
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert first.poll() is None, "the first run ended before the second was refused"
+  assert second.returncode == 1, second.stderr[-3000:]
+  lines = _error_lines(second.stderr)
+  assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+  assert re.fullmatch(
+      rf"error: --workdir={re.escape(workdir)} is in use by a train run, pid {first.pid} on "
+      rf"{re.escape(socket.gethostname())} \(since [\d :-]+\); wait for it to finish, stop it, "
+      r"or use another --workdir",
+      lines[0],
+  ), lines[0]
+  assert first.wait(timeout=600) == 0, _read(first_log)[-3000:]
+  assert_states_equal(load(workdir), ref_final)
+
+
+# ----------------------------------------------------------------------------
+# Two processes (gloo on CPU): the multi-host paths
+# ----------------------------------------------------------------------------
+
+
+def _start_pair(workdir, *args):
+  """main.py as 2 processes of 2 CPU devices each, joined over gloo; returns [(proc, log)]."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  out = []
+  for i in range(2):
+    log = f"{workdir}.process{i}.log"
+    with open(log, "w") as f:
+      cmd = _cmd(
+          workdir,
+          *args,
+          f"--coordinator_address=localhost:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+      )
+      proc = subprocess.Popen(
+          cmd, cwd=ROOT, env={**os.environ, **ENV}, stdout=f, stderr=subprocess.STDOUT
+      )
+    out.append((proc, log))
+  return out
+
+
+def _wait_pair(pair, timeout=600):
+  for proc, log in pair:
+    assert proc.wait(timeout=timeout) == 0, _read(log)[-3000:]
+  return [_read(log) for _, log in pair]
+
+
+def test_two_processes_agree_on_the_step_a_sigterm_stops_at(tmp_path):
+  """SIGTERM to process 1 alone: both processes stop after the same step, write its checkpoint
+  together and exit 0."""
+  workdir = str(tmp_path / "run")
+  args = ("--config.training.num_train_steps=200", "--config.training.log_every_steps=1")
+  pair = _start_pair(workdir, *args)
+  _wait_for_line(*pair[0], r"step 2/200 ")
+  pair[1][0].send_signal(signal.SIGTERM)
+  outs = _wait_pair(pair)
+  steps = [
+      re.search(
+          r"(?:Signal 15 received|Another process received a stop signal): "
+          r"checkpointing step (\d+)",
+          out,
+      )
+      for out in outs
+  ]
+  assert all(steps), [out[-2000:] for out in outs]
+  assert "Signal 15 received" in outs[1] and "Another process received" in outs[0]
+  stopped = {int(m.group(1)) for m in steps}
+  assert len(stopped) == 1 and 2 <= min(stopped) < 200, stopped
+  assert complete_steps(workdir)[-1] == stopped.pop()
+
+
+def test_two_processes_set_a_corrupt_newest_checkpoint_aside_and_resume(tmp_path):
+  workdir = str(tmp_path / "run")
+  args = ("--config.training.checkpoint_every_steps=2",)
+  _wait_pair(_start_pair(workdir, "--config.training.num_train_steps=4", *args))
+  assert complete_steps(workdir) == [2, 4]
+  CORRUPTIONS["params_bits_flipped"](os.path.join(checkpoint.checkpoint_dir(workdir), "4"))
+  outs = _wait_pair(_start_pair(workdir, "--config.training.num_train_steps=6", *args))
+  for out in outs:
+    assert "Resumed from the checkpoint at step 2 " in out, out[-3000:]
+    assert "Traceback" not in out
+  assert os.path.isdir(os.path.join(workdir, checkpoint.UNREADABLE_DIR, "4"))
+  assert complete_steps(workdir) == [2, 4, 6]
+  final = load(workdir)
+  assert int(final.step) == 6 and all_finite(final.params)
