@@ -1,12 +1,17 @@
-"""Digits FID / IS of reference image sets, to read a trained model's numbers against.
+"""Digits FID / IS of reference image sets and of model samples, all scored the same way.
 
-  python benchmarks/digits_baselines.py [--samples=WORKDIR/samples/samples_*.npz] [--num=1000]
+  python benchmarks/digits_baselines.py [--samples=A.npz,B.npz] [--num=512] [--seeds=0,1,2]
 
-Prints one JSON line per image set, all scored like --mode=eval_fid on the
-digits config (the digits classifier's features and class probabilities; FID
-against the train split's statistics): held-out real digits, uniform noise,
-samples of a Gaussian fitted to the training pixels (mean and full covariance),
-and, when given, model samples (uint8 NHWC under key 'images').
+Prints one JSON line per image set, scored like --mode=eval_fid on the digits
+config (the digits classifier's features and class probabilities): FID against
+the held-out split's statistics (``fid_test``, what eval_fid reports as
+fid_test) and against the train split's (``fid_train``), and IS. Reference sets:
+``real_train`` (``--num`` training digits drawn without replacement, one line
+per seed: the FID real data reaches at that sample size), ``real_heldout``
+(all 297 held-out digits: the IS to match), uniform noise and samples of a
+Gaussian fitted to the training pixels. ``--samples``: model samples (uint8
+NHWC under key 'images'), their first ``--num``; with key 'labels' (a
+class-conditional model) also the classifier's accuracy on the requested class.
 """
 
 import argparse
@@ -25,41 +30,49 @@ from ddpm_jax.evaluation import features, metrics  # pylint: disable=g-import-no
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--samples", default="", help="an .npz of model samples (key 'images')")
-  parser.add_argument("--num", type=int, default=1000, help="images per synthetic set")
+  parser.add_argument("--samples", default="", help="comma-separated .npz of model samples")
+  parser.add_argument("--num", type=int, default=512, help="images per set")
+  parser.add_argument("--seeds", default="0,1,2", help="draws of the real_train set")
   args = parser.parse_args()
   config = digits.get_config()
   extractor = features.get_feature_extractor(config)
   train = sources.load_split_array(config.data, "train")
   test = sources.load_split_array(config.data, "test")
-  mu, sigma = metrics.feature_statistics(extractor(train)[0])
+  refs = {
+      name: metrics.feature_statistics(extractor(images)[0])
+      for name, images in (("test", test), ("train", train))
+  }
   rng = np.random.default_rng(0)
   flat = train.reshape(len(train), -1).astype(np.float64)
   gauss = rng.multivariate_normal(flat.mean(0), np.cov(flat, rowvar=False), size=args.num)
-  sets = {
-      "real_heldout": test,
-      "uniform_noise": rng.integers(0, 256, (args.num,) + train.shape[1:], dtype=np.uint8),
-      "gaussian_fit": np.clip(np.round(gauss), 0, 255)
-      .astype(np.uint8)
-      .reshape((-1,) + train.shape[1:]),
-  }
-  if args.samples:
-    sets["model_samples"] = np.load(args.samples)["images"][: args.num]
-  for name, images in sets.items():
+  sets = [("real_heldout", test, None)]
+  for seed in args.seeds.split(","):
+    pick = np.random.default_rng(int(seed)).choice(len(train), args.num, replace=False)
+    sets.append((f"real_train_seed{seed}", train[pick], None))
+  sets.append(
+      ("uniform_noise", rng.integers(0, 256, (args.num,) + train.shape[1:], np.uint8), None)
+  )
+  sets.append(
+      (
+          "gaussian_fit",
+          np.clip(np.round(gauss), 0, 255).astype(np.uint8).reshape((-1,) + train.shape[1:]),
+          None,
+      )
+  )
+  for path in filter(None, args.samples.split(",")):
+    with np.load(path) as z:
+      labels = z["labels"][: args.num] if "labels" in z.files else None
+      sets.append((path, z["images"][: args.num], labels))
+  for name, images, labels in sets:
     feats, probs = extractor(images)
     m, s = metrics.feature_statistics(feats)
     is_mean, is_std = metrics.inception_score(probs, num_splits=10)
-    print(
-        json.dumps(
-            dict(
-                set=name,
-                num=len(images),
-                fid_train=round(metrics.frechet_distance(m, s, mu, sigma), 3),
-                is_mean=round(is_mean, 3),
-                is_std=round(is_std, 3),
-            )
-        )
-    )
+    row = dict(set=name, num=len(images), is_mean=round(is_mean, 3), is_std=round(is_std, 3))
+    for split, (mu, sigma) in refs.items():
+      row[f"fid_{split}"] = round(metrics.frechet_distance(m, s, mu, sigma), 3)
+    if labels is not None:
+      row["class_accuracy"] = round(float(np.mean(np.argmax(probs, axis=1) == labels)), 4)
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

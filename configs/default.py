@@ -50,7 +50,8 @@ def get_config():
   model.dropout = 0.1
   # strided conv down / conv after nearest up (paper: True)
   model.resamp_with_conv = True
-  # 0: unconditional (the only setting main.py runs; the U-Net alone also takes labels)
+  # 0: unconditional; K > 0: class-conditional on labels 0..K-1 (the U-Net gets K + 1 class
+  # embeddings: index K is "no class", for classifier-free guidance; Ho & Salimans 2022)
   model.num_classes = 0
   # computation dtype: 'float32' or 'bfloat16' (params, norms, softmax stay float32)
   model.dtype = "float32"
@@ -127,13 +128,27 @@ def get_config():
   training.max_consecutive_nonfinite = 10
   # testing only: the batch of this step is made NaN (-1: never)
   training.debug_poison_step = -1
+  # class-conditional: probability of replacing an example's label by "no class" (Ho &
+  # Salimans 2022's p_uncond; 0.1 usual), which trains the unconditional branch of guidance
+  training.p_uncond = 0.1
+  # how t is drawn: 'uniform' (Algorithm 1) | 'loss_aware' (t ~ sqrt(E[L_t^2]) of the last 10
+  # losses per t, with a uniform floor, the loss weighted by 1 / (T p_t); Nichol & Dhariwal 2021)
+  training.t_sampler = "uniform"
 
   # ---- sampling (--mode=sample, and the grids during training) ----
   config.sampling = sampling = ml_collections.ConfigDict()
-  # 'ancestral' (Algorithm 2) | 'ddim'
+  # 'ancestral' (Algorithm 2) | 'ddim' | 'dpm_solver++' (Lu et al. 2022, 2M: 10-20 steps)
   sampling.sampler = "ancestral"
-  # 0: all T steps; otherwise a respaced sampler with this many steps
+  # 0: all T steps (ancestral, DDIM; dpm_solver++: 20); otherwise this many network calls
   sampling.num_steps = 0
+  # dpm_solver++: its steps 'uniform' in t or uniform in log-SNR ('logsnr')
+  sampling.timestep_spacing = "uniform"
+  # dpm_solver++: dynamic thresholding of each x0 prediction (Saharia et al. 2022)
+  sampling.thresholding = False
+  # class-conditional: guidance scale w, eps = (1 + w) eps(x, c) - w eps(x, no class)
+  sampling.guidance_scale = 0.0
+  # class-conditional: the class to draw, or -1 for the classes in turn
+  sampling.class_label = -1
   # DDIM eta (0: deterministic)
   sampling.eta = 0.0
   # clip predicted x0 to [-1, 1] at each step (paper: True)

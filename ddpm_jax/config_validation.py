@@ -169,13 +169,6 @@ def validate(
   )
   _number(config, "model.dropout", 0.0, 1.0, closed_high=False)
   _int(config, "model.num_classes", 0)
-  _require(
-      m.num_classes == 0,
-      "model.num_classes",
-      m.num_classes,
-      "class-conditional runs are not supported yet: the U-Net accepts labels, but the input "
-      "pipeline yields none and the samplers draw none; use 0 (unconditional)",
-  )
   _choice(config, "model.dtype", ("float32", "bfloat16"))
   for field in ("model.resamp_with_conv", "model.remat", "model.cpu_kernels"):
     _bool(config, field)
@@ -254,11 +247,36 @@ def validate(
   _int(config, "training.prefetch", 1)
   _choice(config, "training.nan_policy", ("skip", "stop"))
   _int(config, "training.max_consecutive_nonfinite", 1)
+  _number(config, "training.p_uncond", 0.0, 1.0, closed_high=False)
+  _choice(config, "training.t_sampler", ("uniform", "loss_aware"))
   _int(config, "training.debug_poison_step", -1)
 
   # sampling
   s = config.sampling
-  _choice(config, "sampling.sampler", ("ancestral", "ddim"))
+  _choice(config, "sampling.sampler", ("ancestral", "ddim", "dpm_solver++"))
+  _choice(config, "sampling.timestep_spacing", ("uniform", "logsnr"))
+  _bool(config, "sampling.thresholding")
+  _number(config, "sampling.guidance_scale", 0.0, float("inf"))
+  _int(config, "sampling.class_label", -1)
+  k = config.model.num_classes
+  _require(
+      s.class_label < max(k, 0) or s.class_label == -1,
+      "sampling.class_label",
+      s.class_label,
+      f"must be -1 (classes in turn) or a class in [0, model.num_classes={k})",
+  )
+  _require(
+      k > 0 or s.guidance_scale == 0,
+      "sampling.guidance_scale",
+      s.guidance_scale,
+      "guides a class-conditional model: needs model.num_classes > 0",
+  )
+  _require(
+      s.sampler != "dpm_solver++" or config.diffusion.model_mean_type != "xprev",
+      "sampling.sampler",
+      s.sampler,
+      "needs an 'eps', 'x0' or 'v' model, not 'xprev'",
+  )
   _int(config, "sampling.num_steps", 0)
   _require(
       s.num_steps <= config.diffusion.num_timesteps,

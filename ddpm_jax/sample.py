@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from absl import logging
 import jax
@@ -19,7 +19,7 @@ import numpy as np
 
 from ddpm_jax import files, images, workdirs
 from ddpm_jax.cpu import compile_options
-from ddpm_jax.diffusion import samplers
+from ddpm_jax.diffusion import guidance, samplers
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
 from ddpm_jax.training.state import AXIS
@@ -28,17 +28,37 @@ SAMPLES_DIR = "samples"
 
 
 def make_p_sample(model, diffusion, config, per_device_batch: int):
-  """pmap-ed sampler: (params [D...], key [D, 2]) -> images [D, b, H, W, C] in [-1, 1].
+  """pmap-ed sampler: (params [D...], key [D, 2], labels [D, b] or None) -> images [D, b, H, W, C].
 
-  One call walks all steps of ``diffusion`` in a single ``lax.scan``. With the
-  CPU kernels active it is compiled with ``cpu.compile_options.forward_options``.
+  Images in [-1, 1]. One call walks all steps of ``diffusion`` in a single
+  ``lax.scan``, with ``sampling.sampler``; a class-conditional model is guided
+  with ``sampling.guidance_scale`` (one batched call of both branches per step).
+  With the CPU kernels active it is compiled with
+  ``cpu.compile_options.forward_options``.
   """
   s = config.sampling
   shape = (per_device_batch,) + state_lib.image_shape(config)
+  num_classes = config.model.num_classes
 
-  def sample(params, key):
+  def sample(params, key, labels):
     key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-    model_fn = state_lib.make_model_fn(model, params)
+    if num_classes:
+      labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
+      model_fn = guidance.guided_model_fn(
+          labelled, labels, num_classes, s.guidance_scale, diffusion.learned_variance
+      )
+    else:
+      model_fn = state_lib.make_model_fn(model, params)
+    if s.sampler == "dpm_solver++":
+      return samplers.dpm_solver_sample_loop(
+          diffusion,
+          model_fn,
+          shape,
+          key,
+          num_steps=state_lib.sampling_steps(config),
+          spacing=s.timestep_spacing,
+          thresholding=s.thresholding,
+      )
     if s.sampler == "ddim":
       return samplers.ddim_sample_loop(
           diffusion, model_fn, shape, key, eta=s.eta, clip_denoised=s.clip_denoised
@@ -51,6 +71,29 @@ def make_p_sample(model, diffusion, config, per_device_batch: int):
   return compile_options.CompiledWithOptions(jax.pmap(sample, axis_name=AXIS), options)
 
 
+def labels_in_turn(config) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+  """Sample index -> label: ``sampling.class_label``, or with -1 the classes in turn (i % K).
+
+  None for an unconditional model.
+  """
+  k, c = config.model.num_classes, config.sampling.class_label
+  if not k:
+    return None
+  return lambda index: (np.full(index.shape, c) if c >= 0 else index % k).astype(np.int32)
+
+
+def uniform_labels(config, seed: int) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+  """Sample index -> a label drawn uniformly (a pure function of (seed, index)); None if unconditional."""
+  k = config.model.num_classes
+  if not k:
+    return None
+  return (
+      lambda index: np.random.Generator(np.random.Philox(key=[seed, 1]))
+      .integers(0, k, size=int(index.max()) + 1)[index]
+      .astype(np.int32)
+  )
+
+
 def generate(
     p_sample,
     replicated_params,
@@ -59,21 +102,28 @@ def generate(
     seed: int,
     first_call: int = 0,
     log_progress: bool = True,
-) -> np.ndarray:
-  """Draws ``num_samples`` images as uint8 [N, H, W, C], ``per_call`` per pmap call.
+    labels: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """Draws ``num_samples`` images, ``per_call`` per pmap call: (uint8 [N, H, W, C], labels [N] or None).
 
-  Call i uses key fold_in(PRNGKey(seed), i) (one key per device inside), so the
-  images do not depend on how many are drawn in total. Logs images done,
+  Call i uses key fold_in(PRNGKey(seed), i) (one key per device inside), and
+  its row r is sample i * per_call + r, whose label is ``labels(index)``; so
+  the images do not depend on how many are drawn in total. Logs images done,
   images/s and the ETA after each call (the first includes compilation).
   """
   d = jax.local_device_count()
-  out = []
+  out, out_labels = [], []
   calls = -(-num_samples // per_call)
   start = time.time()
   for i in range(first_call, first_call + calls):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
     keys = jnp.broadcast_to(key, (d,) + key.shape)
-    imgs = p_sample(replicated_params, keys)
+    y = None
+    if labels is not None:
+      y = labels(i * per_call + np.arange(per_call))
+      out_labels.append(y)
+      y = y.reshape(d, per_call // d)
+    imgs = p_sample(replicated_params, keys, y)
     imgs = np.asarray(jax.device_get(imgs)).reshape((-1,) + imgs.shape[2:])
     out.append(images.to_uint8(imgs))
     if log_progress:
@@ -86,39 +136,52 @@ def generate(
           rate,
           max(num_samples - done, 0) / rate,
       )
-  return np.concatenate(out)[:num_samples]
+  y = np.concatenate(out_labels)[:num_samples] if labels is not None else None
+  return np.concatenate(out)[:num_samples], y
 
 
-def sampler_settings(config, num_timesteps: int) -> dict:
-  """What decides the images besides the weights: sampler, steps, eta, clipping, seed.
+def sampler_settings(config) -> dict:
+  """What decides the images besides the weights: sampler, steps and its options, guidance, seed.
 
   Stored in every samples file (key 'settings', JSON) so that eval_fid reuses
   only samples drawn the way the config asks.
   """
   s = config.sampling
-  return dict(
-      sampler=s.sampler,
-      num_timesteps=int(num_timesteps),
-      eta=float(s.eta) if s.sampler == "ddim" else 0.0,
-      clip_denoised=bool(s.clip_denoised),
-      seed=int(s.seed),
-  )
+  out = dict(sampler=s.sampler, num_timesteps=state_lib.sampling_steps(config), seed=int(s.seed))
+  if s.sampler == "dpm_solver++":
+    out.update(timestep_spacing=s.timestep_spacing, thresholding=bool(s.thresholding))
+  else:
+    out.update(
+        eta=float(s.eta) if s.sampler == "ddim" else 0.0, clip_denoised=bool(s.clip_denoised)
+    )
+  if config.model.num_classes:
+    out.update(guidance_scale=float(s.guidance_scale), class_label=int(s.class_label))
+  return out
 
 
-def sample_tag(config, step: int, num_timesteps: int) -> str:
-  """The name part of a samples file: ``step{S}_{sampler}{steps}[_eta{e}][_noclip]_seed{s}``.
+def sample_tag(config, step: int) -> str:
+  """The name part of a samples file, e.g. ``step{S}_{sampler}{steps}[_eta{e}][_noclip]_seed{s}``.
 
-  Every setting of ``sampler_settings`` is in the name (eta only for DDIM,
-  ``_noclip`` only when clipping is off), so samples drawn another way get
-  another file instead of overwriting the earlier ones.
+  Every setting of ``sampler_settings`` that differs from its default is in
+  the name (``_logsnr``, ``_thresholded``, ``_w{w}``, ``_class{c}``), so
+  samples drawn another way get another file instead of overwriting earlier ones.
   """
-  s = sampler_settings(config, num_timesteps)
-  tag = f"step{step}_{s['sampler']}{s['num_timesteps']}"
-  if s["sampler"] == "ddim":
-    tag += f"_eta{s['eta']:g}"
-  if not s["clip_denoised"]:
+  got = sampler_settings(config)
+  name = {"dpm_solver++": "dpmpp"}.get(got["sampler"], got["sampler"])
+  tag = f"step{step}_{name}{got['num_timesteps']}"
+  if got["sampler"] == "ddim":
+    tag += f"_eta{got['eta']:g}"
+  if got.get("clip_denoised") is False:
     tag += "_noclip"
-  return tag + f"_seed{s['seed']}"
+  if got.get("timestep_spacing") == "logsnr":
+    tag += "_logsnr"
+  if got.get("thresholding"):
+    tag += "_thresholded"
+  if got.get("guidance_scale"):
+    tag += f"_w{got['guidance_scale']:g}"
+  if got.get("class_label", -1) >= 0:
+    tag += f"_class{got['class_label']}"
+  return tag + f"_seed{got['seed']}"
 
 
 def read_settings(npz_file) -> Optional[dict]:
@@ -128,22 +191,45 @@ def read_settings(npz_file) -> Optional[dict]:
   return json.loads(str(npz_file["settings"]))
 
 
+def class_rows(imgs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+  """Images regrouped one row per class present: ([R * m, H, W, C], m), m the rarest class's count."""
+  classes = np.unique(labels)
+  m = min(int(np.sum(labels == c)) for c in classes)
+  rows = [imgs[labels == c][:m] for c in classes]
+  return np.concatenate(rows), m
+
+
 def write_samples(
-    directory: str, imgs: np.ndarray, tag: str, settings: Optional[dict] = None
+    directory: str,
+    imgs: np.ndarray,
+    tag: str,
+    settings: Optional[dict] = None,
+    labels: Optional[np.ndarray] = None,
 ) -> tuple[str, str]:
-  """Writes samples_{tag}.npz (key 'images', uint8 NHWC; 'settings', JSON) and grid_{tag}.png."""
+  """Writes samples_{tag}.npz and grid_{tag}.png; returns their paths.
+
+  The npz holds 'images' (uint8 [N, H, W, C]), 'settings' (JSON) and, for a
+  class-conditional model, 'labels' (int32 [N]); its grid then has one row per class.
+  """
   npz = os.path.join(directory, f"samples_{tag}.npz")
   png = os.path.join(directory, f"grid_{tag}.png")
   extra = {} if settings is None else {"settings": np.asarray(json.dumps(settings, sort_keys=True))}
+  if labels is not None:
+    extra["labels"] = np.asarray(labels, np.int32)
   files.savez(npz, images=imgs, **extra)
-  images.save_grid(png, imgs[:256])
+  if labels is None:
+    images.save_grid(png, imgs[:256])
+  else:
+    grid, per_row = class_rows(imgs, labels)
+    images.save_grid(png, grid[: 16 * per_row], ncol=min(per_row, 16))
   return npz, png
 
 
 def run_sample(config, workdir: str) -> str:
   """--mode=sample: EMA params of a checkpoint -> workdir/samples/samples_*.npz and grid_*.png.
 
-  Returns the path of the .npz file (key 'images': uint8 [N, H, W, C]).
+  Returns the path of the .npz file (keys 'images', 'settings', and 'labels'
+  for a class-conditional model: ``sampling.class_label`` or the classes in turn).
   """
   model, params, step = checkpoint.restore_ema(config, workdir)
   workdirs.write_record(config, workdir, "sample")
@@ -157,7 +243,7 @@ def run_sample(config, workdir: str) -> str:
       s.num_samples,
       step,
       s.sampler,
-      diffusion.num_timesteps,
+      state_lib.sampling_steps(config),
       per_call,
       d,
   )
@@ -166,13 +252,14 @@ def run_sample(config, workdir: str) -> str:
   # Each process draws its own share with its own calls (call index offset by process).
   num_local = -(-s.num_samples // jax.process_count())
   calls_per_process = -(-num_local // per_call)
-  imgs = generate(
+  imgs, labels = generate(
       p_sample,
       state_lib.replicate(params),
       num_local,
       per_call,
       s.seed,
       first_call=jax.process_index() * calls_per_process,
+      labels=labels_in_turn(config),
   )
   elapsed = time.time() - start
   logging.info(
@@ -181,14 +268,11 @@ def run_sample(config, workdir: str) -> str:
       elapsed,
       len(imgs) / elapsed,
   )
-  tag = sample_tag(config, step, diffusion.num_timesteps)
+  tag = sample_tag(config, step)
   if jax.process_count() > 1:
     tag += f"_process{jax.process_index()}"
   npz, png = write_samples(
-      os.path.join(workdir, SAMPLES_DIR),
-      imgs,
-      tag,
-      sampler_settings(config, diffusion.num_timesteps),
+      os.path.join(workdir, SAMPLES_DIR), imgs, tag, sampler_settings(config), labels
   )
   logging.info("Wrote %s and %s", npz, png)
   return npz

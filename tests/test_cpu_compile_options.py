@@ -58,6 +58,6 @@ def test_sampler_with_and_without_cpu_options_agree():
         state.build_model(config), diffusion, config, per_device_batch=2
     )
     assert (p_sample.options is not None) == enabled
-    out[enabled] = np.asarray(p_sample(params, keys))
+    out[enabled] = np.asarray(p_sample(params, keys, None))
   assert out[True].shape == (d, 2, 8, 8, 1)
   np.testing.assert_allclose(out[True], out[False], atol=2e-5)

@@ -7,6 +7,7 @@ same text is also logged), and no Python traceback.
 
 import errno
 import glob
+import json
 import logging
 import os
 import re
@@ -119,12 +120,18 @@ def test_attention_resolution_not_in_unet():
   )
 
 
-def test_class_conditional_runs_are_refused_at_start_up():  # until issue 23
-  # The U-Net takes labels, but nothing feeds them: training would crash in the first step.
-  assert validation_error(model__num_classes=10) == (
-      "config.model.num_classes=10 is invalid: class-conditional runs are not supported yet: "
-      "the U-Net accepts labels, but the input pipeline yields none and the samplers draw none; "
-      "use 0 (unconditional)"
+def test_class_settings_that_cannot_apply():
+  assert validation_error(sampling__guidance_scale=2.0) == (
+      "config.sampling.guidance_scale=2.0 is invalid: guides a class-conditional model: needs "
+      "model.num_classes > 0"
+  )
+  assert validation_error(model__num_classes=10, sampling__class_label=10) == (
+      "config.sampling.class_label=10 is invalid: must be -1 (classes in turn) or a class in "
+      "[0, model.num_classes=10)"
+  )
+  assert validation_error(training__t_sampler="importance") == (
+      "config.training.t_sampler='importance' is invalid: must be one of ('uniform', "
+      "'loss_aware')"
   )
 
 
@@ -529,3 +536,134 @@ def test_cli_disk_full_at_checkpoint_time_then_resume(small_tmpfs):
   assert rc == 0, err[-3000:]
   assert "Resumed from the checkpoint at step 4 " in err
   assert complete_steps(workdir)[-1] == 8
+
+
+# ----------------------------------------------------------------------------
+# Config files, the run record, half-written files, the noise schedule
+# ----------------------------------------------------------------------------
+
+BROKEN_CONFIGS = {
+    "syntax": ("def get_config(:\n", r"bad\.py:1: SyntaxError: .*"),
+    "no_get_config": ("X = 1\n", r"the file defines no get_config\(\)"),
+    "wrong_type": (
+        "def get_config():\n  return [1, 2]\n",
+        r"get_config\(\) returned list, not an ml_collections.ConfigDict",
+    ),
+    "failing_import": (
+        "import no_such_module_here\n",
+        r"bad\.py:1: ModuleNotFoundError: No module named 'no_such_module_here'",
+    ),
+    "raises": ("def get_config():\n  return {}['data']\n", r"bad\.py:2: KeyError: 'data'"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_CONFIGS))
+def test_a_broken_config_file_is_one_line(tmp_path, kind):
+  from ddpm_jax import config_loading  # pylint: disable=g-import-not-at-top
+
+  text, pattern = BROKEN_CONFIGS[kind]
+  path = tmp_path / "bad.py"
+  path.write_text(text)
+  with pytest.raises(errors.ConfigError) as e:
+    config_loading.load(str(path))
+  assert re.fullmatch(rf"--config={re.escape(str(path))}: (.*/)?{pattern}", str(e.value)), str(
+      e.value
+  )
+
+
+def test_cli_broken_config_extra_argument_and_negative_devices(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("def get_config(:\n")
+  rc, err = cli(workdir=str(tmp_path / "w"), config=str(path))
+  assert_one_line_error(
+      rc, err, re.compile(rf"error: --config={re.escape(str(path))}: .*bad\.py:1: SyntaxError: .*")
+  )
+  rc, err = cli("extra", workdir=str(tmp_path / "w"))
+  assert_one_line_error(
+      rc, err, "error: unexpected argument 'extra' (flags are --name=value; see --helpfull)"
+  )
+  rc, err = cli("--cpu_devices=-1", workdir=str(tmp_path / "w"))
+  assert_one_line_error(
+      rc,
+      err,
+      "error: flag --cpu_devices=-1: -1 is not a non-negative integer (see --helpfull)",
+  )
+  assert not os.path.exists(tmp_path / "w")  # nothing was created
+
+
+@pytest.mark.slow
+def test_a_refused_or_empty_run_leaves_the_record_alone(tmp_path):
+  workdir = str(tmp_path / "run")
+  record = os.path.join(workdir, "config_train.json")
+  rc, err = cli("--config.training.num_train_steps=2", workdir=workdir)
+  assert rc == 0, err[-3000:]
+  with open(record) as f:
+    written = f.read()
+  assert json.loads(written)["model"]["ch"] == 32
+  rc, err = cli("--config.model.ch=64", "--config.training.num_train_steps=2", workdir=workdir)
+  assert rc == 1 and "another architecture" in err
+  rc, err = cli("--config.training.num_train_steps=1", workdir=workdir)
+  assert rc == 0, err[-3000:]
+  assert "workdir is at step 2 >= num_train_steps 1: nothing to train" in err
+  assert "written" not in err  # no checkpoint is said to be written
+  with open(record) as f:
+    assert f.read() == written  # neither run replaced the record of the checkpoints
+
+
+def _full_disk(monkeypatch):
+  """Writes to temporary files (files.atomic_open) fail with ENOSPC after half their bytes."""
+  real_open = open
+
+  class Full:
+
+    def __init__(self, f):
+      self._f = f
+
+    def write(self, data):
+      self._f.write(data[: len(data) // 2])
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+      return getattr(self._f, name)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      return self._f.__exit__(*exc)
+
+  def fake_open(path, mode="r", *args, **kwargs):
+    f = real_open(path, mode, *args, **kwargs)
+    return Full(f) if ".tmp" in os.path.basename(str(path)) and "w" in mode else f
+
+  monkeypatch.setattr("builtins.open", fake_open)
+
+
+def test_a_full_disk_leaves_no_half_written_samples_or_record(tmp_path, monkeypatch):
+  from ddpm_jax import sample, workdirs  # pylint: disable=g-import-not-at-top
+
+  images = np.zeros((4, 8, 8, 1), np.uint8)
+  _full_disk(monkeypatch)
+  with pytest.raises(errors.StorageError, match="no space left on device"):
+    sample.write_samples(str(tmp_path), images, "step1_ancestral100_seed1")
+  with pytest.raises(errors.StorageError, match="no space left on device"):
+    workdirs.write_record(test_config.get_config(), str(tmp_path), "train")
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == []  # no final file, no temporary one
+
+
+def test_sampling_with_another_noise_schedule_is_refused(tmp_path, host_state):
+  manager = _save(str(tmp_path), host_state, 3)
+  config = test_config.get_config()
+  config.diffusion.beta_schedule = "cosine"
+  with pytest.raises(errors.CheckpointMismatchError) as e:
+    checkpoint.restore_ema_params(manager, host_state.ema_params, config)
+  assert "config.diffusion.beta_schedule: checkpoint 'linear' vs config 'cosine'" in str(e.value)
+  config = test_config.get_config()
+  config.diffusion.num_timesteps, config.diffusion.beta_end = 50, 0.3
+  with pytest.raises(errors.CheckpointMismatchError, match="diffusion.num_timesteps.*beta_end"):
+    checkpoint.restore_ema_params(manager, host_state.ema_params, config)
+  config = test_config.get_config()
+  config.sampling.num_steps = 10  # respacing the trained schedule is fine
+  _, step = checkpoint.restore_ema_params(manager, host_state.ema_params, config)
+  assert step == 3

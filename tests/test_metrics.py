@@ -412,7 +412,7 @@ def test_digits_classifier_outputs_and_accuracy():
   held, _ = digits_classifier.load_digits_images("heldout")
   feats = digits_classifier.features(held)
   probs = digits_classifier.probs(held)
-  assert feats.shape == (297, 64) and np.all(feats >= 0)
+  assert feats.shape == (297, 128) and np.all(feats >= 0)
   assert probs.shape == (297, 10)
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-9)
   # Float input in [0, 255] gives the same answer as uint8.
@@ -444,10 +444,10 @@ def test_digits_fid_and_inception_score():
       f"IS held-out {is_real:.3f} (1 split), {is_real10:.3f} +- {is_real10_std:.3f} (10 splits); "
       f"IS noise {is_noise:.3f}"
   )
-  assert 0 < fid_real < 10
+  assert 0 < fid_real < 5
   assert fid_noise > 10 * fid_real
   # Samples of a Gaussian fitted to the training pixels (right mean and covariance,
-  # no digit shapes) must score clearly worse than real digits (measured 21.8 vs 8.9).
+  # no digit shapes) must score clearly worse than real digits.
   flat = train.reshape(len(train), -1).astype(np.float64)
   gauss = np.random.default_rng(1).multivariate_normal(
       flat.mean(0), np.cov(flat, rowvar=False), 1000

@@ -189,3 +189,109 @@ def test_sampler_program_does_not_grow_with_the_number_of_steps(loop):
     assert " while(" in hlo
     sizes[T] = sum(1 for line in hlo.splitlines() if " = " in line)  # HLO instructions
   assert sizes[1000] <= sizes[10] + 10, sizes
+
+
+# ----------------------------------------------------------------------------
+# DPM-Solver++ against the probability-flow ODE's closed form and diffusers
+# ----------------------------------------------------------------------------
+
+
+def continuous_oracle(diffusion, trace_counter=None):
+  """E[eps | x_t] for N(M, S^2) data at a real t, with log-SNR interpolated linearly in t
+  (the schedule DPM-Solver++ solves on); at integer t it is gaussian_oracle's."""
+  lam = jnp.asarray(sampling.log_snr(diffusion), jnp.float32)
+
+  def model_fn(x_t, t):
+    if trace_counter is not None:
+      trace_counter.append(1)
+    t = t.astype(jnp.float32)
+    lo = jnp.clip(jnp.floor(t), 0, lam.shape[0] - 1).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, lam.shape[0] - 1)
+    l = lam[lo] + (t - lo) * (lam[hi] - lam[lo])
+    a = jax.nn.sigmoid(2.0 * l).reshape((-1,) + (1,) * (x_t.ndim - 1))  # alpha_bar
+    return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * M) / (a * S**2 + 1 - a)
+
+  return model_fn
+
+
+def ode_endpoint(x_T):
+  """Where the probability-flow ODE takes x_T (at t = T-1) for N(M, S^2) data: the affine map
+  that keeps the marginals, z = (x_T - sqrt(ab) M) / sqrt(ab S^2 + 1 - ab) -> M + S z."""
+  ab = AC[-1]
+  return M + S * (np.asarray(x_T, np.float64) - np.sqrt(ab) * M) / np.sqrt(ab * S**2 + 1 - ab)
+
+
+def diffusers_dpm_solver(x_T, num_steps, spacing):
+  """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2) driven by the exact eps."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  sched = diffusers.DPMSolverMultistepScheduler(
+      num_train_timesteps=1000,
+      beta_start=1e-4,
+      beta_end=0.02,
+      beta_schedule="linear",
+      solver_order=2,
+      prediction_type="epsilon",
+      algorithm_type="dpmsolver++",
+      timestep_spacing="linspace",
+      use_lu_lambdas=spacing == "logsnr",
+      lower_order_final=True,
+      final_sigmas_type="zero",
+  )
+  sched.set_timesteps(num_steps)
+  oracle = gaussian_oracle()
+  x = torch.from_numpy(np.asarray(x_T, np.float64))
+  for t in sched.timesteps:
+    eps = oracle(jnp.asarray(x.numpy(), jnp.float32), jnp.full((x.shape[0],), int(t)))
+    x = sched.step(torch.from_numpy(np.asarray(eps, np.float64)), t, x).prev_sample
+  return x.numpy()
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
+def test_dpm_solver_reaches_the_ode_endpoint_as_well_as_diffusers_and_beats_ddim(spacing):
+  d = GaussianDiffusion(BETAS)
+  x_T = jax.random.normal(jax.random.PRNGKey(4), (2000, 1, 1, 1))
+  target = ode_endpoint(x_T)
+  errs = {}
+  for n in (10, 20, 50):
+    ours = jax.jit(
+        lambda x: sampling.dpm_solver_sample_loop(
+            d,
+            continuous_oracle(d),
+            x.shape,
+            jax.random.PRNGKey(0),
+            num_steps=n,
+            spacing=spacing,
+            noise=x,
+        )
+    )(x_T)
+    theirs = diffusers_dpm_solver(x_T, n, spacing)
+    errs[n] = (np.abs(np.asarray(ours, np.float64) - target).mean(), np.abs(theirs - target).mean())
+    assert errs[n][0] <= 1.1 * errs[n][1], errs
+  assert errs[50][0] < errs[10][0]  # it converges
+  ddim = respaced(BETAS, schedules.space_timesteps(1000, 20))  # t = 999 first, as here
+  ddim_x0 = sampling.ddim_sample_loop(
+      ddim,
+      gaussian_oracle(),
+      x_T.shape,
+      jax.random.PRNGKey(0),
+      eta=0.0,
+      clip_denoised=False,
+      noise=x_T,
+  )
+  assert errs[20][0] < np.abs(np.asarray(ddim_x0, np.float64) - target).mean(), errs
+  print(spacing, {n: tuple(f"{e:.2e}" for e in v) for n, v in errs.items()})
+
+
+def test_dpm_solver_program_does_not_grow_with_the_number_of_steps():
+  d = GaussianDiffusion(BETAS)
+  sizes = {}
+  for n in (10, 200):
+    traced = []
+    fn = functools.partial(
+        sampling.dpm_solver_sample_loop, d, continuous_oracle(d, traced), (4, 2, 2, 1), num_steps=n
+    )
+    hlo = jax.jit(fn).lower(jax.random.PRNGKey(0)).compile().as_text()
+    assert len(traced) == 1 and " while(" in hlo
+    sizes[n] = sum(1 for line in hlo.splitlines() if " = " in line)
+  assert sizes[200] <= sizes[10] + 10, sizes

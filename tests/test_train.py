@@ -48,13 +48,14 @@ def run_steps(config, devices, num_steps):
   state = state_lib.create_train_state(config, model, tx)
   p_state = state_lib.replicate(state, devices)
   p_step = step_lib.make_p_train_step(model, diffusion, tx, config, devices=devices)
-  images = sources.load_split_array(config.data, "train")
+  split = sources.load_split(config.data, "train")
+  images, labels = split.images, split.labels if config.model.num_classes else None
   states, metrics = [jax.device_get(state)], []
   for first in range(0, num_steps, n):
     steps = [
         order.local_batch(
             images,
-            None,
+            labels,
             s,
             config.training.batch_size,
             config.data.shuffle_seed,
@@ -265,6 +266,48 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   images = np.load(npz[0])["images"]
   assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
   assert images.std() > 0
+
+
+@pytest.mark.slow
+def test_labels_and_loss_aware_t_do_not_depend_on_the_device_count():
+  """A class-conditional run with label dropout and importance-sampled t: the same trajectory
+  on 2 and 8 devices (to float rounding), and the same t history bit for bit."""
+  config = test_config.get_config()
+  config.model.num_classes, config.training.t_sampler = 10, "loss_aware"
+  two, m2 = run_steps(config, jax.local_devices()[:2], 3)
+  eight, m8 = run_steps(config, jax.local_devices()[:8], 3)
+  assert_trees_close(two[-1].params, eight[-1].params, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose([m["loss"] for m in m2], [m["loss"] for m in m8], rtol=1e-5)
+  # Every device added the same 3 x 8 (t, loss) pairs in the global batch's order.
+  assert int(np.sum(two[-1].t_history["count"])) == 24
+  np.testing.assert_array_equal(two[-1].t_history["count"], eight[-1].t_history["count"])
+  np.testing.assert_allclose(two[-1].t_history["losses"], eight[-1].t_history["losses"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_with_labels_and_loss_aware_t_is_bitwise(tmp_path):
+  """2 + 2 steps equal 4 steps bit for bit with labels, label dropout and the t history, which
+  the checkpoint carries; resuming with another t_sampler is refused by name."""
+  env = {"XLA_FLAGS": _xla_flags(2)}
+  args = (
+      "--config.model.num_classes=10",
+      "--config.training.t_sampler=loss_aware",
+      "--config.training.p_uncond=0.3",
+  )
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  for workdir, steps in ((full, 4), (part, 2), (part, 4)):
+    r = _main(f"--workdir={workdir}", f"--config.training.num_train_steps={steps}", *args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+  config = test_config.get_config()
+  config.model.num_classes, config.training.t_sampler = 10, "loss_aware"
+  a, b = _final_state(full, config), _final_state(part, config)
+  assert int(b.step) == 4 and int(np.sum(b.t_history["count"])) == 4 * 8
+  assert_states_equal(a, b)  # t_history included
+  with open(os.path.join(full, "classes.json")) as f:
+    assert json.load(f) == [str(d) for d in range(10)]
+  r = _main(f"--workdir={part}", "--config.training.num_train_steps=6", args[0], env=env)
+  assert r.returncode == 1
+  assert "config.training.t_sampler='loss_aware', the config says 'uniform'" in r.stderr
 
 
 @pytest.mark.slow

@@ -132,6 +132,27 @@ def _tfds_train_iterator(
   return batches()  # the data set is built (and checked) before iterating
 
 
+def load_train_data(data_config: Any, num_classes: int = 0) -> Optional[sources.Split]:
+  """The training split of an in-memory source (checked labels included), or None when streaming.
+
+  For a streaming TFDS source only checks that the data set is prepared and,
+  with ``num_classes`` > 0, labelled. Called before the model is built, so a
+  data problem stops a run at once.
+  """
+  if not data_config.in_memory:
+    builder = sources.get_tfds_builder(data_config)
+    if num_classes and not sources.tfds_has_labels(builder):
+      raise errors.DataError(
+          f"model.num_classes={num_classes} needs class labels, but "
+          f"data.dataset={data_config.dataset!r} has none"
+      )
+    return None
+  split = sources.load_split(data_config, data_config.train_split)
+  if num_classes:
+    require_labels(data_config, split, num_classes)
+  return split
+
+
 def create_train_iterator(
     data_config: Any,
     global_batch_size: int,
@@ -140,6 +161,7 @@ def create_train_iterator(
     process_count: Optional[int] = None,
     local_device_count: Optional[int] = None,
     num_classes: int = 0,
+    data: Optional[sources.Split] = None,
 ) -> Iterator[dict]:
   """Infinite iterator over this process's training batches from ``start_step``.
 
@@ -147,7 +169,8 @@ def create_train_iterator(
   devices, P processes, H = W = data.image_size, C = data.channels), plus
   'label' int32 [D, B / (P * D)] when ``num_classes`` > 0; the k-th item belongs
   to step start_step + k. Topology arguments left None come from jax. The
-  config is assumed valid (``config_validation.validate``).
+  config is assumed valid (``config_validation.validate``); ``data`` may be the
+  split ``load_train_data`` already loaded.
 
   Raises:
     ValueError: global_batch_size is not a multiple of P * D.
@@ -170,8 +193,8 @@ def create_train_iterator(
         local_device_count,
         num_classes > 0,
     )
-  split = sources.load_split(data_config, data_config.train_split)
-  labels = require_labels(data_config, split, num_classes) if num_classes else None
+  split = data if data is not None else load_train_data(data_config, num_classes)
+  labels = split.labels if num_classes else None
 
   def batches():
     for step in itertools.count(int(start_step)):

@@ -30,7 +30,7 @@ class FeatureExtractor:
 class DigitsExtractor(FeatureExtractor):
   """The digits MLP's hidden activations (features) and class probabilities (for IS)."""
 
-  name = "digits_mlp"
+  name = "digits_mlp128"
 
   def __call__(self, images):
     images = _to_8x8(np.asarray(images))

@@ -43,6 +43,7 @@ from ddpm_jax import errors, files, images as image_lib, sample, workdirs
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.evaluation import metrics
 from ddpm_jax.evaluation.bpd import allgather, eval_dir, fmt_eta
+from ddpm_jax.evaluation import features
 from ddpm_jax.evaluation.features import FeatureExtractor, extractor_name, get_feature_extractor
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
@@ -202,13 +203,23 @@ def find_existing_samples(
   return best
 
 
-def generate_fid_samples(config, workdir: str, model, params, step: int, num: int):
-  """``num`` EMA samples (uint8 [num, H, W, C]) in resumable chunks of one sampler call.
+def fid_settings(config) -> dict:
+  """``sample.sampler_settings`` of FID's samples: a conditional model's labels are uniform."""
+  settings = sample.sampler_settings(config)
+  if config.model.num_classes:
+    settings.update(class_label=-1, labels="uniform")
+  return settings
 
-  Call i uses the key of ``sample.generate`` (fold_in(PRNGKey(sampling.seed),
-  i)), so the images equal those of --mode=sample with the same seed and batch
-  size. Each finished call is saved to workdir/eval/fid_chunks_{tag}/; a
-  restarted run only draws the missing calls. Returns (images, path written).
+
+def generate_fid_samples(config, workdir: str, model, params, step: int, num: int):
+  """``num`` EMA samples in resumable chunks of one sampler call: (images, labels, path written).
+
+  images: uint8 [num, H, W, C]; labels: int32 [num] drawn uniformly for a
+  class-conditional model (``sample.uniform_labels(config, sampling.seed)``),
+  else None. Call i uses the key of ``sample.generate`` (fold_in(PRNGKey(
+  sampling.seed), i)), so an unconditional model's images equal those of
+  --mode=sample with the same seed and batch size. Each finished call is saved
+  to workdir/eval/fid_chunks_{tag}/; a restarted run only draws the missing calls.
   """
   s = config.sampling
   d = jax.local_device_count()
@@ -219,8 +230,9 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
         f"of local devices ({d})"
     )
   diffusion = state_lib.build_sampling_diffusion(config)
-  tag = sample.sample_tag(config, step, diffusion.num_timesteps)
-  settings = sample.sampler_settings(config, diffusion.num_timesteps)
+  tag = sample.sample_tag(config, step)
+  settings = fid_settings(config)
+  labels_fn = sample.uniform_labels(config, int(s.seed))
   chunk_dir = os.path.join(eval_dir(workdir), f"fid_chunks_{tag}_bs{per_call}")
   os.makedirs(chunk_dir, exist_ok=True)
   pcount, pindex = jax.process_count(), jax.process_index()
@@ -233,7 +245,7 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
     if os.path.exists(chunk_path(i)):
       try:
         with np.load(chunk_path(i), allow_pickle=False) as z:
-          have[i] = np.asarray(z["images"])
+          have[i] = (np.asarray(z["images"]), np.asarray(z["labels"]) if labels_fn else None)
       except Exception:  # pylint: disable=broad-except
         pass
   todo = [i for i in range(first, first + calls) if i not in have]
@@ -245,7 +257,7 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
       calls,
       per_call,
       s.sampler,
-      diffusion.num_timesteps,
+      state_lib.sampling_steps(config),
       chunk_dir,
   )
   if todo:
@@ -253,11 +265,18 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
     p_params = state_lib.replicate(params)
     start = time.time()
     for j, i in enumerate(todo):
-      imgs = sample.generate(
-          p_sample, p_params, per_call, per_call, s.seed, first_call=i, log_progress=False
+      imgs, labels = sample.generate(
+          p_sample,
+          p_params,
+          per_call,
+          per_call,
+          s.seed,
+          first_call=i,
+          log_progress=False,
+          labels=labels_fn,
       )
-      files.savez(chunk_path(i), images=imgs)
-      have[i] = imgs
+      files.savez(chunk_path(i), images=imgs, **({} if labels is None else {"labels": labels}))
+      have[i] = (imgs, labels)
       if j > 0:  # the first call includes compilation
         rate = j * per_call / (time.time() - t1)
         logging.info(
@@ -270,18 +289,23 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
       else:
         t1 = time.time()
         logging.info("FID samples: first call done in %.1f s (compilation included)", t1 - start)
-  images = np.concatenate([have[i] for i in range(first, first + calls)])[:num_local]
+  images = np.concatenate([have[i][0] for i in range(first, first + calls)])[:num_local]
+  labels = None
+  if labels_fn:
+    labels = np.concatenate([have[i][1] for i in range(first, first + calls)])[:num_local]
   if pcount > 1:
     images = allgather(images).reshape((-1,) + images.shape[1:])
+    labels = None if labels is None else allgather(labels).reshape(-1)
   images = images[:num]
+  labels = None if labels is None else labels[:num]
   path = None
   if jax.process_index() == 0:
     npz, _ = sample.write_samples(
-        os.path.join(workdir, "samples"), images, f"{tag}_fid{num}", settings
+        os.path.join(workdir, "samples"), images, f"{tag}_fid{num}", settings, labels
     )
     path = npz
     shutil.rmtree(chunk_dir, ignore_errors=True)
-  return images, path
+  return images, labels, path
 
 
 # ----------------------------------------------------------------------------
@@ -306,7 +330,9 @@ def run_eval_fid(config, workdir: str) -> dict:
     is_mean, is_std, is_splits, train_split, eval_split, sampler,
     sampling_steps, samples_file, samples_reused, reference_stats
     ({split: path}), reference_stats_computed (splits computed by this call),
-    elapsed_s.
+    elapsed_s; for a class-conditional model (labels drawn uniformly)
+    guidance_scale and, on the digits, class_accuracy (how often the digits
+    classifier predicts the requested class).
   """
   start = time.time()
   num = int(config.eval.num_fid_samples)
@@ -314,17 +340,17 @@ def run_eval_fid(config, workdir: str) -> dict:
   extractor = get_feature_extractor(config)
   model, params, step = checkpoint.restore_ema(config, workdir)
   workdirs.write_record(config, workdir, "eval_fid")
-  num_timesteps = state_lib.build_sampling_diffusion(config).num_timesteps
-  tag = sample.sample_tag(config, step, num_timesteps)
-  settings = sample.sampler_settings(config, num_timesteps)
-  existing = find_existing_samples(workdir, tag, num, settings)
+  num_timesteps = state_lib.sampling_steps(config)
+  tag = sample.sample_tag(config, step)
+  existing = find_existing_samples(workdir, tag, num, fid_settings(config))
   if existing is not None:
     with np.load(existing, allow_pickle=False) as z:
       images = np.asarray(z["images"][:num])
+      labels = np.asarray(z["labels"][:num]) if "labels" in z.files else None
     logging.info("Using %d existing samples from %s", num, existing)
     samples_file, reused = existing, True
   else:
-    images, samples_file = generate_fid_samples(config, workdir, model, params, step, num)
+    images, labels, samples_file = generate_fid_samples(config, workdir, model, params, step, num)
     reused = False
 
   stats_dir = default_stats_dir(config, workdir)
@@ -362,6 +388,11 @@ def run_eval_fid(config, workdir: str) -> dict:
       reference_stats_computed=computed,
       elapsed_s=time.time() - start,
   )
+  if labels is not None:
+    result["guidance_scale"] = float(config.sampling.guidance_scale)
+    if extractor.name == features.DigitsExtractor.name and config.model.num_classes == 10:
+      # How often the digits classifier sees the class that was asked for.
+      result["class_accuracy"] = float(np.mean(np.argmax(probs, axis=1) == labels))
   path = os.path.join(eval_dir(workdir), f"fid_step{step}.json")
   if jax.process_index() == 0:
     files.write_json(path, result)

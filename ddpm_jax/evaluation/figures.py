@@ -167,9 +167,12 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
   shape = (rows, config.data.image_size, config.data.image_size, config.data.channels)
   key = jax.random.PRNGKey(seed)
 
+  k = config.model.num_classes
+  row_labels = jnp.arange(rows, dtype=jnp.int32) % k if k else None  # classes in turn
+
   @jax.jit
   def progressive(params, key):
-    model_fn = state_lib.make_model_fn(model, params)
+    model_fn = state_lib.make_model_fn(model, params, labels=row_labels)
     return progressive_generation(diffusion, model_fn, shape, key, columns, clip)
 
   preds, ts, _ = jax.device_get(progressive(params, jax.random.fold_in(key, 0)))
@@ -177,9 +180,8 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
   save_tile_grid(prog_path, image_lib.to_uint8(preds))
   logging.info("Wrote %s (%d samples x %d timesteps %s)", prog_path, rows, len(ts), list(ts))
 
-  images = sources.load_split_array(config.data, config.data.eval_split, max_examples=2 * rows)[
-      : 2 * rows
-  ]
+  split = sources.load_split(config.data, config.data.eval_split, max_examples=2 * rows)
+  images = split.images[: 2 * rows]
   if images.shape[0] < 2 * rows:
     raise errors.DataError(
         f"the eval split has {images.shape[0]} images, {2 * rows} needed for "
@@ -188,9 +190,14 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
   x = image_lib.scale_images(images)
   lambdas = np.linspace(0.0, 1.0, num_lambdas, dtype=np.float32)
 
+  # A conditional model decodes each pair's mixtures with the first image's label.
+  pair_labels = None
+  if k:
+    pair_labels = np.repeat(np.asarray(split.labels[: 2 * rows : 2], np.int32), num_lambdas)
+
   @jax.jit
   def interp(params, xa, xb, lambdas, key):
-    model_fn = state_lib.make_model_fn(model, params)
+    model_fn = state_lib.make_model_fn(model, params, labels=pair_labels)
     return interpolate(diffusion, model_fn, xa, xb, interp_t, lambdas, key, clip)
 
   mixed = np.asarray(

@@ -55,6 +55,7 @@ ARCH_FIELDS = {
     ),
 }
 CPU_KERNELS_KEY = "model.cpu_kernels_active"
+T_SAMPLER_KEY = "training.t_sampler"
 
 
 # Where a damaged checkpoint is moved (next to checkpoints/) when a run resumes
@@ -102,12 +103,16 @@ def checksum(tree) -> str:
 
 
 def _core(state) -> dict:
-  return {
+  """The 'state' item: everything but the EMA (and the t sampler's history when there is one)."""
+  core = {
       "step": state.step,
       "params": state.params,
       "opt_state": state.opt_state,
       "rng": state.rng,
   }
+  if state.t_history is not None:
+    core["t_history"] = state.t_history
+  return core
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, config) -> bool:
@@ -132,6 +137,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config) -> bool:
   core = _core(state)
   meta = dict(architecture(config))
   meta[CPU_KERNELS_KEY] = state_lib.cpu_kernels_active(config)
+  meta[T_SAMPLER_KEY] = config.training.t_sampler
   meta["checksum.state"] = checksum(core)
   meta["checksum.ema_params"] = checksum(state.ema_params)
   _check_free_space(manager.directory, core, state.ema_params)
@@ -357,6 +363,7 @@ def restore_train_state(
   for step in _steps_newest_first(manager):
     try:
       meta = _check_meta(manager, step, config)
+      _check_t_sampler(meta, config, manager.directory)
       out = manager.restore(
           step,
           args=ocp.args.Composite(
@@ -395,6 +402,7 @@ def restore_train_state(
         ema_params=out["ema_params"],
         opt_state=core["opt_state"],
         rng=core["rng"],
+        t_history=core.get("t_history"),
     )
   if unreadable:
     step, e = unreadable[0]
@@ -404,6 +412,16 @@ def restore_train_state(
         f"scratch, or use another --workdir (step {step}: {type(e).__name__}: {_first_line(e)})"
     )
   return None
+
+
+def _check_t_sampler(meta: Optional[dict], config, directory) -> None:
+  """Resuming needs the same ``training.t_sampler``: its history is part of the state."""
+  then = (meta or {}).get(T_SAMPLER_KEY, "uniform")
+  if then != config.training.t_sampler:
+    raise errors.CheckpointMismatchError(
+        f"{directory} was trained with config.training.t_sampler={then!r}, the config says "
+        f"{config.training.t_sampler!r}; resume with {then!r} or use another --workdir"
+    )
 
 
 def _warn_if_cpu_kernels_differ(meta: Optional[dict], config, step: int) -> None:

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import errors, images, sample, workdirs
+from ddpm_jax import errors, files, images, sample, workdirs
 from ddpm_jax.data import pipeline
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
@@ -78,6 +78,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
 
   tcfg = config.training
+  data = pipeline.load_train_data(config.data, config.model.num_classes)  # before the model
   model = state_lib.build_model(config)
   diffusion = state_lib.build_diffusion(config)
   tx = state_lib.create_optimizer(config.optim)
@@ -96,9 +97,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     return state
   batches = pipeline.create_train_iterator(
-      config.data, tcfg.batch_size, start_step=start_step, num_classes=config.model.num_classes
+      config.data,
+      tcfg.batch_size,
+      start_step=start_step,
+      num_classes=config.model.num_classes,
+      data=data,
   )
   workdirs.write_record(config, workdir, "train")
+  if (
+      config.model.num_classes
+      and data is not None
+      and data.class_names
+      and jax.process_index() == 0
+  ):
+    files.write_json(os.path.join(workdir, "classes.json"), list(data.class_names))
   n = tcfg.steps_per_call
   logging.info(
       "Model: %s parameters%s; %s; %d local devices, %d processes",
@@ -118,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       _stacked_batches(batches, n, start_step, tcfg.debug_poison_step), tcfg.prefetch
   )
 
-  sample_fn = None
+  sample_fn, per_device = None, 0
   if tcfg.sample_every_steps:
     per_device = -(-tcfg.num_grid_samples // jax.local_device_count())
     sample_fn = sample.make_p_sample(
@@ -211,21 +223,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         save()
         last_good = step
       if sample_fn is not None and crossed(tcfg.sample_every_steps):
-        imgs = sample.generate(
+        imgs, _ = sample.generate(
             sample_fn,
             p_state.ema_params,
             tcfg.num_grid_samples,
-            per_call=tcfg.num_grid_samples,
+            per_call=per_device * jax.local_device_count(),
             seed=config.sampling.seed,
             log_progress=False,
+            labels=sample.labels_in_turn(config),
         )
         if is_chief:
           path = os.path.join(workdir, "samples", f"grid_step_{step}.png")
-          images.save_grid(path, imgs)
-          writer.image("samples/ema", images.display_grid(imgs)[None], step)
+          ncol = config.model.num_classes or None  # conditional: one column per class
+          images.save_grid(path, imgs, ncol)
+          writer.image("samples/ema", images.display_grid(imgs, ncol)[None], step)
         t_log = time.time()  # sampling time is not training time
       if stop.should_stop():
-        logging.info("Signal %s received: checkpointing step %d and stopping.", stop.signum, step)
+        if stop.signum is not None:
+          logging.info("Signal %s received: checkpointing step %d and stopping.", stop.signum, step)
+        else:
+          logging.info(
+              "Another process received a stop signal: checkpointing step %d and " "stopping.", step
+          )
         break
     save()
     return state_lib.unreplicate(p_state)

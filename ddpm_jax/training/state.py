@@ -21,6 +21,7 @@ import optax
 from ddpm_jax.diffusion import schedules
 from ddpm_jax.diffusion.gaussian import GaussianDiffusion, respaced
 from ddpm_jax.models.unet import UNet
+from ddpm_jax.training import timesteps
 
 # The pmap axis of every sharded program (and the name of the 1-D device mesh).
 AXIS = "batch"
@@ -35,6 +36,8 @@ class TrainState:
   ema_params: their exponential moving average (used for sampling).
   opt_state: the optax state (Adam moments, step counts).
   rng: the run's base PRNG key; step and example index are folded into it.
+  t_history: the recent losses per timestep of ``training.t_sampler='loss_aware'``
+    (``training/timesteps.py``), else None.
   """
 
   step: jax.Array
@@ -42,6 +45,7 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   rng: jax.Array
+  t_history: Any = None
 
 
 def cpu_kernels_active(config: ml_collections.ConfigDict, platform: Optional[str] = None) -> bool:
@@ -79,11 +83,25 @@ def build_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
   return GaussianDiffusion(get_betas(config), **_diffusion_kwargs(config))
 
 
+DPM_SOLVER_DEFAULT_STEPS = 20
+
+
+def sampling_steps(config: ml_collections.ConfigDict) -> int:
+  """Network calls of one sample: ``sampling.num_steps``, or its default (T; DPM-Solver++: 20)."""
+  s = config.sampling
+  if s.num_steps:
+    return int(s.num_steps)
+  return DPM_SOLVER_DEFAULT_STEPS if s.sampler == "dpm_solver++" else config.diffusion.num_timesteps
+
+
 def build_sampling_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
-  """The process the sampler walks: all T steps, or the respaced subset of ``sampling.num_steps``."""
+  """The process the sampler walks: all T steps, or the respaced subset of ``sampling.num_steps``.
+
+  DPM-Solver++ always gets the full process (it picks its own times).
+  """
   betas = get_betas(config)
   s = config.sampling
-  if not s.num_steps or s.num_steps == len(betas):
+  if s.sampler == "dpm_solver++" or not s.num_steps or s.num_steps == len(betas):
     return GaussianDiffusion(betas, **_diffusion_kwargs(config))
   spec = f"ddim{s.num_steps}" if s.sampler == "ddim" else str(s.num_steps)
   return respaced(betas, schedules.space_timesteps(len(betas), spec), **_diffusion_kwargs(config))
@@ -104,7 +122,8 @@ def build_model(config: ml_collections.ConfigDict, platform: Optional[str] = Non
       dropout=m.dropout,
       resamp_with_conv=m.resamp_with_conv,
       out_ch=config.data.channels * (2 if learned else 1),
-      num_classes=m.num_classes or None,
+      # K classes and one more embedding, index K: "no class" (classifier-free guidance).
+      num_classes=m.num_classes + 1 if m.num_classes else None,
       dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype],
       remat=m.remat,
       cpu_kernels=cpu_kernels_active(config, platform),
@@ -157,6 +176,11 @@ def create_train_state(config, model: UNet, tx: optax.GradientTransformation) ->
       ema_params=jax.tree.map(jnp.copy, params),
       opt_state=tx.init(params),
       rng=run_rng,
+      t_history=(
+          timesteps.init(config.diffusion.num_timesteps)
+          if config.training.t_sampler == "loss_aware"
+          else None
+      ),
   )
 
 

@@ -20,24 +20,33 @@ import optax
 
 from ddpm_jax.diffusion.gaussian import GaussianDiffusion
 from ddpm_jax.models.unet import UNet
+from ddpm_jax.training import timesteps
 from ddpm_jax.training.state import AXIS, TrainState, auto_choice, learning_rate_schedule
 from ddpm_jax.training.state import make_model_fn
 
 
-def example_randomness(rng, step, global_index, num_timesteps: int, shape):
-  """Per-example (t, noise, dropout key) from the step and the example's global index.
+def example_randomness(
+    rng, step, global_index, num_timesteps: int, shape, t_probs=None, p_uncond: float = 0.0
+):
+  """Per-example randomness from the step and the example's global index.
 
   Args: rng: base key; step: int32 scalar; global_index: [b] int32;
-    shape: (H, W, C) of one example.
-  Returns: t [b] int32 uniform in [0, T); noise [b, H, W, C] N(0, 1);
-    dropout keys [b] (one key per example).
+    shape: (H, W, C) of one example; t_probs: [T] probabilities of t (None:
+    uniform); p_uncond: probability of dropping the example's class label.
+  Returns: t [b] int32 in [0, T); noise [b, H, W, C] N(0, 1); dropout keys [b]
+    (one key per example); drop_label bool [b].
   """
   step_key = jax.random.fold_in(rng, step)
 
   def one(i):
-    k_t, k_noise, k_drop = jax.random.split(jax.random.fold_in(step_key, i), 3)
-    t = jax.random.randint(k_t, (), 0, num_timesteps, dtype=jnp.int32)
-    return t, jax.random.normal(k_noise, shape, jnp.float32), k_drop
+    key = jax.random.fold_in(step_key, i)
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    if t_probs is None:
+      t = jax.random.randint(k_t, (), 0, num_timesteps, dtype=jnp.int32)
+    else:
+      t = timesteps.draw(k_t, t_probs)
+    drop = jax.random.bernoulli(jax.random.fold_in(key, 3), p_uncond) if p_uncond else False
+    return t, jax.random.normal(k_noise, shape, jnp.float32), k_drop, jnp.asarray(drop)
 
   return jax.vmap(one)(global_index)
 
@@ -113,15 +122,26 @@ def make_train_step(
   ema_decay = config.optim.ema_decay
   lr_fn = learning_rate_schedule(config.optim)
   T = diffusion.num_timesteps
+  num_classes = config.model.num_classes
+  p_uncond = float(config.training.p_uncond) if num_classes else 0.0
+  loss_aware = config.training.t_sampler == "loss_aware"
 
-  def loss_fn(params, batch, global_index, step, rng):
+  def loss_fn(params, batch, global_index, step, rng, t_probs):
+    """(weighted mean loss, (metric means, per-example t and loss for the history))."""
     x0 = batch["image"]
-    t, noise, drop_keys = example_randomness(rng, step, global_index, T, x0.shape[1:])
-    model_fn = make_model_fn(
-        model, params, train=True, dropout_keys=drop_keys, labels=batch.get("label")
+    t, noise, drop_keys, drop_label = example_randomness(
+        rng, step, global_index, T, x0.shape[1:], t_probs, p_uncond
     )
+    labels = batch.get("label")
+    if labels is not None:  # label K is "no class"
+      labels = jnp.where(drop_label, num_classes, labels)
+    model_fn = make_model_fn(model, params, train=True, dropout_keys=drop_keys, labels=labels)
     losses = diffusion.training_losses(model_fn, x0, t, noise)
-    return jnp.mean(losses["loss"]), {k: jnp.mean(v) for k, v in losses.items()}
+    per_example = {}
+    if loss_aware:  # unbiased for uniform t: E_p[L_t / (T p_t)] = (1/T) sum_t L_t
+      per_example = dict(t=t, loss=losses["loss"])
+      losses["loss"] = losses["loss"] / (T * t_probs[t])
+    return jnp.mean(losses["loss"]), ({k: jnp.mean(v) for k, v in losses.items()}, per_example)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -131,10 +151,16 @@ def make_train_step(
       raise ValueError(f"training.grad_accum_steps={accum} must divide the per-device batch {b}")
     mb = b // accum
     first = jax.lax.axis_index(AXIS) * b
+    t_probs = timesteps.probabilities(state.t_history) if loss_aware else None
 
     if accum == 1:  # XLA:CPU runs loop bodies several times slower: no loop unless needed
-      (_, aux), grads = grad_fn(
-          state.params, batch, first + jnp.arange(b, dtype=jnp.int32), state.step, state.rng
+      (_, (aux, per_example)), grads = grad_fn(
+          state.params,
+          batch,
+          first + jnp.arange(b, dtype=jnp.int32),
+          state.step,
+          state.rng,
+          t_probs,
       )
     else:
       micro = jax.tree.map(lambda a: a.reshape((accum, mb) + a.shape[1:]), batch)
@@ -142,13 +168,17 @@ def make_train_step(
       def one_micro(carry, i):
         index = first + i * mb + jnp.arange(mb, dtype=jnp.int32)
         part = jax.tree.map(lambda a: a[i], micro)
-        (_, aux), grads = grad_fn(state.params, part, index, state.step, state.rng)
+        (_, (aux, per_example)), grads = grad_fn(
+            state.params, part, index, state.step, state.rng, t_probs
+        )
         g_sum, aux_sum = carry
-        return (jax.tree.map(jnp.add, g_sum, grads), jax.tree.map(jnp.add, aux_sum, aux)), None
+        carry = (jax.tree.map(jnp.add, g_sum, grads), jax.tree.map(jnp.add, aux_sum, aux))
+        return carry, per_example
 
       zeros_g = jax.tree.map(jnp.zeros_like, state.params)
       zeros_aux = {k: jnp.zeros((), jnp.float32) for k in ("loss", "mse", "vb")}
-      (grads, aux), _ = jax.lax.scan(one_micro, (zeros_g, zeros_aux), jnp.arange(accum))
+      (grads, aux), per_example = jax.lax.scan(one_micro, (zeros_g, zeros_aux), jnp.arange(accum))
+      per_example = jax.tree.map(lambda a: a.reshape(b), per_example)  # micro-batches in order
       grads = jax.tree.map(lambda g: g / accum, grads)
       aux = {k: v / accum for k, v in aux.items()}
     grads, aux = _device_mean((grads, aux), all_reduce)
@@ -157,6 +187,14 @@ def make_train_step(
     finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
 
     new_state = apply_update_if(finite, state, grads, tx, ema_decay)
+    if loss_aware:  # every device adds the whole global batch's losses, in its order
+      everyone = jax.lax.all_gather(per_example, AXIS, tiled=True)
+      history = timesteps.update(state.t_history, everyone["t"], everyone["loss"])
+      new_state = new_state.replace(
+          t_history=jax.tree.map(
+              lambda new, old: jnp.where(finite, new, old), history, state.t_history
+          )
+      )
     new_state = new_state.replace(step=state.step + 1)
     metrics = dict(
         aux,
