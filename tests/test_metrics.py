@@ -408,6 +408,7 @@ def test_digits_images_and_split():
     digits_classifier.load_digits_images("validation")
 
 
+@pytest.mark.slow  # fits the classifier twice (all digits, training split): ~25 s
 def test_digits_classifier_outputs_and_accuracy():
   held, _ = digits_classifier.load_digits_images("heldout")
   feats = digits_classifier.features(held)

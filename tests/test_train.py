@@ -202,8 +202,8 @@ def test_optimizer_is_adam_with_warmup_and_global_norm_clipping():
 
 
 def _xla_flags(devices):
-  """The session's XLA_FLAGS (conftest.py: the optimisation level) with ``devices`` CPU devices."""
-  return os.environ["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}"
+  """The session's XLA_FLAGS, if any, with ``devices`` CPU devices."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
 
 
 def _main(*args, env=None, timeout=600):
@@ -285,14 +285,17 @@ def test_labels_and_loss_aware_t_do_not_depend_on_the_device_count():
 
 
 @pytest.mark.slow
-def test_resume_with_labels_and_loss_aware_t_is_bitwise(tmp_path):
-  """2 + 2 steps equal 4 steps bit for bit with labels, label dropout and the t history, which
-  the checkpoint carries; resuming with another t_sampler is refused by name."""
+def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path):
+  """2 + 2 steps in two processes equal 4 steps in one, bit for bit, with labels, label dropout,
+  the t history (which the checkpoint carries) and model.cpu_kernels on, in processes where
+  nothing is measured. The checkpoint records the kernels: resuming without them is warned about
+  by name; resuming with another t_sampler is refused by name."""
   env = {"XLA_FLAGS": _xla_flags(2)}
   args = (
       "--config.model.num_classes=10",
       "--config.training.t_sampler=loss_aware",
       "--config.training.p_uncond=0.3",
+      "--config.model.cpu_kernels=True",
   )
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
   for workdir, steps in ((full, 4), (part, 2), (part, 4)):
@@ -300,34 +303,18 @@ def test_resume_with_labels_and_loss_aware_t_is_bitwise(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
   config = test_config.get_config()
   config.model.num_classes, config.training.t_sampler = 10, "loss_aware"
+  config.model.cpu_kernels = True
   a, b = _final_state(full, config), _final_state(part, config)
-  assert int(b.step) == 4 and int(np.sum(b.t_history["count"])) == 4 * 8
+  assert int(a.step) == int(b.step) == 4 and int(np.sum(b.t_history["count"])) == 4 * 8
   assert_states_equal(a, b)  # t_history included
   with open(os.path.join(full, "classes.json")) as f:
     assert json.load(f) == [str(d) for d in range(10)]
+  with open(os.path.join(full, "checkpoints", "4", "meta", "metadata")) as f:
+    assert json.load(f)["model.cpu_kernels_active"] is True
   r = _main(f"--workdir={part}", "--config.training.num_train_steps=6", args[0], env=env)
   assert r.returncode == 1
   assert "config.training.t_sampler='loss_aware', the config says 'uniform'" in r.stderr
-
-
-@pytest.mark.slow
-def test_resume_with_the_cpu_kernels_is_bitwise_and_recorded(tmp_path):
-  """With model.cpu_kernels on, 2 + 2 steps in two processes equal 4 steps in one, bit for bit;
-  the checkpoint records the kernels, and resuming without them is warned about by name."""
-  env = {"XLA_FLAGS": _xla_flags(2)}
-  on = "--config.model.cpu_kernels=True"
-  full, part = str(tmp_path / "full"), str(tmp_path / "part")
-  for workdir, steps in ((full, 4), (part, 2), (part, 4)):
-    r = _main(f"--workdir={workdir}", f"--config.training.num_train_steps={steps}", on, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-  config = test_config.get_config()
-  config.model.cpu_kernels = True
-  a, b = _final_state(full, config), _final_state(part, config)
-  assert int(a.step) == int(b.step) == 4
-  assert_states_equal(a, b)
-  with open(os.path.join(full, "checkpoints", "4", "meta", "metadata")) as f:
-    assert json.load(f)["model.cpu_kernels_active"] is True
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=6", env=env)
+  r = _main(f"--workdir={part}", "--config.training.num_train_steps=5", *args[:3], env=env)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "trained with the CPU kernels on, this run has them off" in r.stderr
 
