@@ -470,6 +470,12 @@ def test_a_second_training_into_the_same_workdir_stops_at_once(tmp_path, referen
 # ----------------------------------------------------------------------------
 
 
+# Two processes hung in their first cross-process all-gather when every compile,
+# also the small collective programs, went through the shared persistent cache
+# (conftest.py): they keep jax's default, which caches only compiles of over 1 s.
+MULTI_PROCESS_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
+
+
 def _start_pair(workdir, *args):
   """main.py as 2 processes of 2 CPU devices each, joined over gloo; returns [(proc, log)]."""
   with socket.socket() as s:
@@ -487,7 +493,11 @@ def _start_pair(workdir, *args):
           f"--process_id={i}",
       )
       proc = subprocess.Popen(
-          cmd, cwd=ROOT, env={**os.environ, **ENV}, stdout=f, stderr=subprocess.STDOUT
+          cmd,
+          cwd=ROOT,
+          env={**os.environ, **ENV, **MULTI_PROCESS_ENV},
+          stdout=f,
+          stderr=subprocess.STDOUT,
       )
     out.append((proc, log))
   return out
