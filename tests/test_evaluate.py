@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,7 +272,7 @@ def test_samples_drawn_another_way_get_another_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path, trained):
+def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path, trained, caplog):
   _, config, _ = trained
   workdir = fresh_workdir(tmp_path, trained)
   # A chunk left by an interrupted run (call 0, 32 images): it must be used, not redrawn.
@@ -281,7 +282,9 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   sentinel = np.full((32, 8, 8, 1), 77, np.uint8)
   np.savez(os.path.join(chunk_dir, "call_000000.npz"), images=sentinel)
 
-  first = fid.run_eval_fid(config, workdir)
+  with caplog.at_level("INFO"):
+    first = fid.run_eval_fid(config, workdir)
+  assert re.search(r"FID samples: 64/64 images \(call 2/2\), [\d.]+ images/s, ETA", caplog.text)
   path = os.path.join(workdir, "eval", f"fid_step{STEP}.json")
   with open(path) as f:
     written = json.load(f)

@@ -277,18 +277,16 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
       )
       files.savez(chunk_path(i), images=imgs, **({} if labels is None else {"labels": labels}))
       have[i] = (imgs, labels)
-      if j > 0:  # the first call includes compilation
-        rate = j * per_call / (time.time() - t1)
-        logging.info(
-            "FID samples: call %d/%d, %.2f images/s, ETA %s",
-            len(have),
-            calls,
-            rate,
-            fmt_eta((len(todo) - j - 1) * per_call / rate),
-        )
-      else:
-        t1 = time.time()
-        logging.info("FID samples: first call done in %.1f s (compilation included)", t1 - start)
+      rate = (j + 1) * per_call / (time.time() - start)  # the first call includes compilation
+      logging.info(
+          "FID samples: %d/%d images (call %d/%d), %.2f images/s, ETA %s",
+          min(len(have) * per_call, num_local),
+          num_local,
+          len(have),
+          calls,
+          rate,
+          fmt_eta((len(todo) - j - 1) * per_call / rate),
+      )
   images = np.concatenate([have[i][0] for i in range(first, first + calls)])[:num_local]
   labels = None
   if labels_fn:
