@@ -161,6 +161,7 @@ def conditional_model():
   return config, model, jax.tree.unflatten(tree, leaves)
 
 
+@pytest.mark.slow  # the module fixture compiles the conditional U-Net
 def test_the_batched_two_branch_call_equals_two_calls(conditional_model):
   config, model, params = conditional_model
   assert params["class_emb"]["embedding"].shape[0] == 11  # 10 classes and "no class"
@@ -183,6 +184,7 @@ def test_the_batched_two_branch_call_equals_two_calls(conditional_model):
   )
 
 
+@pytest.mark.slow  # the module fixture compiles the conditional U-Net
 def test_guidance_zero_is_plain_conditional_sampling_bit_for_bit(conditional_model):
   config, model, params = conditional_model
   config.sampling.num_steps = 10
