@@ -191,10 +191,15 @@ def read_settings(npz_file) -> Optional[dict]:
   return json.loads(str(npz_file["settings"]))
 
 
-def class_rows(imgs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
-  """Images regrouped one row per class present: ([R * m, H, W, C], m), m the rarest class's count."""
+def class_rows(
+    imgs: np.ndarray, labels: np.ndarray, max_per_row: int = 16
+) -> tuple[np.ndarray, int]:
+  """Images regrouped one row per class present: ([R * m, H, W, C], m).
+
+  m is the rarest class's count, at most ``max_per_row``; imgs: [N, H, W, C], labels: [N].
+  """
   classes = np.unique(labels)
-  m = min(int(np.sum(labels == c)) for c in classes)
+  m = min([int(np.sum(labels == c)) for c in classes] + [max_per_row])
   rows = [imgs[labels == c][:m] for c in classes]
   return np.concatenate(rows), m
 
@@ -221,7 +226,7 @@ def write_samples(
     images.save_grid(png, imgs[:256])
   else:
     grid, per_row = class_rows(imgs, labels)
-    images.save_grid(png, grid[: 16 * per_row], ncol=min(per_row, 16))
+    images.save_grid(png, grid, ncol=per_row)
   return npz, png
 
 

@@ -250,3 +250,14 @@ def test_loss_aware_sampling_is_unbiased():
   # The frequencies follow p (chi-square-like check on the extreme bins).
   counts = np.bincount(t, minlength=T) / len(t)
   assert abs(counts[-1] - p[-1]) < 5 * np.sqrt(p[-1] / len(t))
+
+
+def test_the_grid_of_a_conditional_model_has_one_row_per_class():
+  labels = np.arange(512) % 10  # the classes in turn, 51 or 52 of each
+  imgs = np.broadcast_to(labels[:, None, None, None], (512, 8, 8, 1)).astype(np.uint8)
+  grid, per_row = sample.class_rows(imgs, labels)
+  assert per_row == 16 and grid.shape == (10 * 16, 8, 8, 1)
+  rows = grid[:, 0, 0, 0].reshape(10, 16)  # each image carries its label as its pixels
+  np.testing.assert_array_equal(rows, np.repeat(np.arange(10)[:, None], 16, axis=1))
+  _, per_row = sample.class_rows(imgs[:30], labels[:30])
+  assert per_row == 3  # the rarest class sets the row length
