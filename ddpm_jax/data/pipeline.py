@@ -64,6 +64,17 @@ def require_labels(data_config: Any, split: sources.Split, num_classes: int) -> 
   return split.labels
 
 
+def _tfds_builder(data_config, with_labels: bool):
+  """The TFDS builder of ``data_config``; a conditional model on unlabelled data is a DataError."""
+  builder = sources.get_tfds_builder(data_config)
+  if with_labels and not sources.tfds_has_labels(builder):
+    raise errors.DataError(
+        f"model.num_classes > 0 needs class labels, but data.dataset="
+        f"{data_config.dataset!r} has none"
+    )
+  return builder
+
+
 def _tfds_train_iterator(
     data_config,
     global_batch_size,
@@ -76,12 +87,7 @@ def _tfds_train_iterator(
   tf = sources.import_tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  builder = sources.get_tfds_builder(data_config)
-  if with_labels and not sources.tfds_has_labels(builder):
-    raise errors.DataError(
-        f"model.num_classes > 0 needs class labels, but data.dataset="
-        f"{data_config.dataset!r} has none"
-    )
+  builder = _tfds_builder(data_config, with_labels)
   image_size = int(data_config.image_size)
   seed = int(data_config.shuffle_seed)
   random_flip = bool(data_config.random_flip)
@@ -259,12 +265,7 @@ def _tfds_eval_iterator(
   tf = sources.import_tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  builder = sources.get_tfds_builder(data_config)
-  if with_labels and not sources.tfds_has_labels(builder):
-    raise errors.DataError(
-        f"model.num_classes > 0 needs class labels, but data.dataset="
-        f"{data_config.dataset!r} has none"
-    )
+  builder = _tfds_builder(data_config, with_labels)
   image_size = int(data_config.image_size)
   n = sources.tfds_num_examples(builder, split_name)
   per_process = batch_size // process_count
