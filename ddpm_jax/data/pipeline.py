@@ -146,12 +146,7 @@ def load_train_data(data_config: Any, num_classes: int = 0) -> Optional[sources.
   data problem stops a run at once.
   """
   if not data_config.in_memory:
-    builder = sources.get_tfds_builder(data_config)
-    if num_classes and not sources.tfds_has_labels(builder):
-      raise errors.DataError(
-          f"model.num_classes={num_classes} needs class labels, but "
-          f"data.dataset={data_config.dataset!r} has none"
-      )
+    _tfds_builder(data_config, with_labels=num_classes > 0)
     return None
   split = sources.load_split(data_config, data_config.train_split)
   if num_classes:
