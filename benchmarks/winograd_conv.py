@@ -12,7 +12,7 @@ model), ``cpu_kernels_xla`` (``model.cpu_kernels=True`` with
 ``ddpm_jax.cpu.winograd.applies`` patched to False while tracing, so every 3x3
 conv is ``cpu.conv.conv2d``: XLA's forward with the chunked weight gradient) and
 ``cpu_kernels`` (``model.cpu_kernels=True``: Winograd where ``winograd.applies``,
->= 64 channels at >= 16x16). Speed-ups are over ``plain``; ``cpu_kernels`` over
+>= 32 + 64 channels at >= 16x16). Speed-ups are over ``plain``; ``cpu_kernels`` over
 ``cpu_kernels_xla`` is Winograd's share. The process is set up for --config as given (with
 --config.model.cpu_kernels=True glibc keeps freed memory, as in main.py).
 

@@ -10,7 +10,7 @@ product by ``winograd.KERNEL_MATRIX``. The formulation it replaced, kept here
 as the baseline, applied G along one kernel axis and then the other, as
 separable sums of the kernel's rows, writing a [6, 3, Cin, Cout] intermediate.
 With --config, the real train step with ``model.cpu_kernels=True`` (which uses
-Winograd from 64 channels at 16x16) is compiled with each formulation patched
+Winograd from 32 + 64 channels at 16x16) is compiled with each formulation patched
 into ``winograd`` (read at trace time) and the two programs are called in turns
 in one process. With --kernels (``CinxCout``), the forward transform and its
 transpose alone, on every device at once. Prints milliseconds per call (medians)

@@ -112,6 +112,9 @@ def test_transposes_are_adjoints():
         ((4, 8, 8, 256), (3, 3, 256, 256), (1, 1), "SAME", jnp.float32, False),  # too few tiles
         ((4, 18, 18, 64), (3, 3, 64, 64), (1, 1), "SAME", jnp.float32, False),  # not 4 | side
         ((4, 32, 32, 32), (3, 3, 32, 32), (1, 1), "SAME", jnp.float32, False),  # few channels
+        ((4, 32, 32, 64), (3, 3, 64, 32), (1, 1), "SAME", jnp.float32, True),  # 96 together
+        ((4, 16, 16, 32), (3, 3, 32, 64), (1, 1), "SAME", jnp.float32, True),
+        ((4, 16, 16, 16), (3, 3, 16, 128), (1, 1), "SAME", jnp.float32, False),  # 16 in
         ((4, 32, 32, 128), (3, 3, 128, 3), (1, 1), "SAME", jnp.float32, False),  # conv_out
         ((4, 32, 32, 128), (3, 3, 128, 128), (1, 1), "VALID", jnp.float32, False),
         ((4, 32, 32, 128), (1, 1, 128, 128), (1, 1), "SAME", jnp.float32, False),

@@ -72,10 +72,12 @@ TILE = 4  # output pixels per tile side; input tiles are TILE + 2 = 6 wide
 # (r, s) of the kernel flattened row-major: U[(j, i)] = sum_rs G[i, r] G[j, s] g[r, s].
 KERNEL_MATRIX = np.einsum("ir,js->jirs", G, G).reshape(36, 9)
 
-# Smallest image side, and fewest input and output channels, that use it: a shape
-# rule, the same on every host (measurements: docs/performance.md).
+# Smallest image side, fewest channels on either side, and fewest input plus output
+# channels that use it: a shape rule, the same on every host (measurements:
+# docs/performance.md).
 MIN_SIDE = 16
-MIN_CHANNELS = 64
+MIN_CHANNELS = 32
+MIN_CHANNELS_IN_PLUS_OUT = 96
 
 
 def _fits(x_shape: Sequence[int], kernel_shape: Sequence[int], strides, padding, dtype) -> bool:
@@ -99,11 +101,14 @@ def applies(x_shape: Sequence[int], kernel_shape: Sequence[int], strides, paddin
 
   Only 3x3 kernels at stride 1 with one pixel of zero padding on each side
   ('SAME'), float32, sides that are multiples of 4 and at least ``MIN_SIDE``,
-  and at least ``MIN_CHANNELS`` input and output channels.
+  and at least ``MIN_CHANNELS`` input and output channels, together at least
+  ``MIN_CHANNELS_IN_PLUS_OUT`` (32 -> 64 and 64 -> 32 do, 32 -> 32 does not).
   """
+  c_in, c_out = x_shape[-1], kernel_shape[-1]
   return (
       _fits(x_shape, kernel_shape, strides, padding, dtype)
-      and min(x_shape[-1], kernel_shape[-1]) >= MIN_CHANNELS
+      and min(c_in, c_out) >= MIN_CHANNELS
+      and c_in + c_out >= MIN_CHANNELS_IN_PLUS_OUT
   )
 
 
