@@ -89,6 +89,8 @@ def get_config():
   optim.eps = 1e-8
   # linear learning-rate warm-up from 0 (paper: 5000)
   optim.warmup_steps = 5000
+  # 0: constant rate after warm-up (paper); N > 0: half-cosine decay from lr to 0 at step N
+  optim.decay_steps = 0
   # clip gradients to this global norm (paper: 1.0); 0 disables
   optim.grad_clip = 1.0
   # EMA of the parameters used for sampling (paper: 0.9999)

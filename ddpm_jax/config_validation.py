@@ -209,6 +209,13 @@ def validate(
   _number(config, "optim.beta2", 0.0, 1.0, closed_high=False)
   _number(config, "optim.eps", 0.0, 1.0, closed_low=False)
   _int(config, "optim.warmup_steps", 0)
+  _int(config, "optim.decay_steps", 0)
+  _require(
+      config.optim.decay_steps == 0 or config.optim.decay_steps > config.optim.warmup_steps,
+      "optim.decay_steps",
+      config.optim.decay_steps,
+      f"must be 0 or above optim.warmup_steps ({config.optim.warmup_steps})",
+  )
   _number(config, "optim.grad_clip", 0.0, float("inf"))
   _number(config, "optim.ema_decay", 0.0, 1.0)
 

@@ -113,6 +113,12 @@ def test_image_size_too_small_for_unet_depth():
   )
 
 
+def test_cosine_decay_ending_inside_the_warmup():
+  assert validation_error(optim__warmup_steps=100, optim__decay_steps=50) == (
+      "config.optim.decay_steps=50 is invalid: must be 0 or above optim.warmup_steps (100)"
+  )
+
+
 def test_attention_resolution_not_in_unet():
   assert validation_error(model__attn_resolutions=(16,)) == (
       "config.model.attn_resolutions=(16,) is invalid: each must be one of the U-Net's "

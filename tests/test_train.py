@@ -201,6 +201,19 @@ def test_optimizer_is_adam_with_warmup_and_global_norm_clipping():
     assert_trees_close(upd, jax.tree.map(lambda u: u * lr, ref_upd), rtol=1e-6, atol=1e-12)
 
 
+def test_cosine_decay_after_warmup_matches_the_closed_form():
+  config = test_config.get_config()
+  config.optim.lr, config.optim.warmup_steps, config.optim.decay_steps = 1e-3, 10, 110
+  lr_fn = state_lib.learning_rate_schedule(config.optim)
+  steps = [0, 5, 10, 35, 60, 85, 110, 200]
+  # warm-up to 1e-3 by step 10, then 1e-3 * (1 + cos(pi * (s - 10) / 100)) / 2
+  want = [0.0, 5e-4, 1e-3, 1e-3 * (1 + np.sqrt(0.5)) / 2, 5e-4, 1e-3 * (1 - np.sqrt(0.5)) / 2, 0, 0]
+  np.testing.assert_allclose([float(lr_fn(s)) for s in steps], want, rtol=1e-6, atol=1e-10)
+  config.optim.decay_steps = 0  # the paper's constant rate after warm-up
+  constant = state_lib.learning_rate_schedule(config.optim)
+  assert [float(constant(s)) for s in (10, 110, 10**6)] == [float(np.float32(1e-3))] * 3
+
+
 def _xla_flags(devices):
   """The session's XLA_FLAGS, if any, with ``devices`` CPU devices."""
   return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"

@@ -131,10 +131,25 @@ def build_model(config: ml_collections.ConfigDict, platform: Optional[str] = Non
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> Callable[[Any], Any]:
-  """lr * min(step / warmup, 1), as the paper's code (0 at the first step)."""
-  if optim.warmup_steps <= 0:
-    return lambda count: jnp.asarray(optim.lr, jnp.float32)
-  return lambda count: optim.lr * jnp.minimum(count / optim.warmup_steps, 1.0)
+  """lr * min(step / warmup, 1), as the paper's code (0 at the first step).
+
+  With ``optim.decay_steps`` N > 0 the rate after warm-up follows a half cosine
+  from lr down to 0 at step N (and stays 0 after it): short runs end on a small
+  step, which their EMA would otherwise have to average out.
+  """
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    lr = jnp.asarray(optim.lr, jnp.float32)
+    if optim.warmup_steps > 0:
+      lr = lr * jnp.minimum(count / optim.warmup_steps, 1.0)
+    if optim.decay_steps > 0:
+      span = max(optim.decay_steps - optim.warmup_steps, 1)
+      done = jnp.clip((count - optim.warmup_steps) / span, 0.0, 1.0)
+      lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * done))
+    return lr
+
+  return schedule
 
 
 def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
