@@ -51,7 +51,23 @@ class Lock:
     self._fd = None
 
   def acquire(self) -> "Lock":
-    """Takes the lock; raises WorkdirError naming the holder's pid and host if another has it."""
+    """Takes the lock; raises WorkdirError naming the holder's pid and host if another has it.
+
+    A full (or read-only) file system is a StorageError here, at start-up, rather
+    than at the first checkpoint.
+    """
+    try:
+      self._acquire()
+    except OSError as e:
+      if isinstance(e, errors.UserError) or e.errno not in files.STORAGE_ERRNOS:
+        raise
+      raise errors.StorageError(
+          f"could not take the lock {self.path}: {files.STORAGE_ERRNOS[e.errno]}; nothing "
+          "was written"
+      ) from None
+    return self
+
+  def _acquire(self) -> None:
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,15 +78,18 @@ class Lock:
           f"--workdir={os.path.dirname(self.path)} is in use by {holder}; wait for it to "
           "finish, stop it, or use another --workdir"
       ) from None
-    os.ftruncate(fd, 0)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.write(
-        fd,
-        f"a {self.what} run, pid {os.getpid()} on {socket.gethostname()} (since "
-        f"{stamp})".encode(),
-    )
+    try:
+      os.ftruncate(fd, 0)
+      stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+      os.write(
+          fd,
+          f"a {self.what} run, pid {os.getpid()} on {socket.gethostname()} (since "
+          f"{stamp})".encode(),
+      )
+    except OSError:
+      os.close(fd)
+      raise
     self._fd = fd
-    return self
 
   def release(self) -> None:
     if self._fd is not None:

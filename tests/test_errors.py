@@ -658,6 +658,22 @@ def test_a_full_disk_leaves_no_half_written_samples_or_record(tmp_path, monkeypa
   assert os.listdir(tmp_path) == []  # no final file, no temporary one
 
 
+def test_a_full_disk_when_taking_the_lock_is_one_line(tmp_path, monkeypatch):
+  from ddpm_jax import workdirs  # pylint: disable=g-import-not-at-top
+
+  def no_space(fd, data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(workdirs.os, "write", no_space)
+  with pytest.raises(errors.StorageError) as e:
+    workdirs.Lock(str(tmp_path)).acquire()
+  assert str(e.value) == (
+      f"could not take the lock {tmp_path}/.lock: no space left on device; nothing was written"
+  )
+  monkeypatch.undo()
+  workdirs.Lock(str(tmp_path)).acquire().release()  # the descriptor was closed: not held
+
+
 def test_sampling_with_another_noise_schedule_is_refused(tmp_path, host_state):
   manager = _save(str(tmp_path), host_state, 3)
   config = test_config.get_config()
