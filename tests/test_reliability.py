@@ -509,15 +509,52 @@ def _wait_pair(pair, timeout=600):
   return [_read(log) for _, log in pair]
 
 
-def test_two_processes_agree_on_the_step_a_sigterm_stops_at(tmp_path):
-  """SIGTERM to process 1 alone: both processes stop after the same step, write its checkpoint
-  together and exit 0."""
-  workdir = str(tmp_path / "run")
-  args = ("--config.training.num_train_steps=200", "--config.training.log_every_steps=1")
-  pair = _start_pair(workdir, *args)
-  _wait_for_line(*pair[0], r"step 2/200 ")
+def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and_agree_on_sigterm(
+    tmp_path,
+):
+  """One pair of 2-process runs (2 devices each, gloo), three behaviours:
+
+  1. 4 steps equal 4 steps of one process with 4 devices (to float rounding);
+  2. with the newest checkpoint (step 4) corrupted, both processes set it aside and resume
+     from step 2;
+  3. SIGTERM to process 1 alone: both stop after the same step, write its checkpoint
+     together and exit 0.
+  """
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  args = ("--config.training.num_train_steps=4", "--config.training.checkpoint_every_steps=2")
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  r = subprocess.run(
+      _cmd(single, *args),
+      cwd=ROOT,
+      env={**os.environ, **ENV, "XLA_FLAGS": flags},
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  outs = _wait_pair(_start_pair(multi, *args))
+  assert "2 processes, 4 devices" in outs[0], outs[0][-3000:]
+  a, b = load(single), load(multi)
+  assert int(a.step) == int(b.step) == 4
+  for name in ("params", "ema_params"):
+    for x, y in zip(jax.tree.leaves(getattr(a, name)), jax.tree.leaves(getattr(b, name))):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5, err_msg=name)
+  assert complete_steps(multi) == [2, 4]
+
+  CORRUPTIONS["params_bits_flipped"](os.path.join(checkpoint.checkpoint_dir(multi), "4"))
+  pair = _start_pair(
+      multi,
+      "--config.training.num_train_steps=200",
+      "--config.training.checkpoint_every_steps=2",
+      "--config.training.log_every_steps=1",
+  )
+  _wait_for_line(*pair[0], r"step 3/200 ")
   pair[1][0].send_signal(signal.SIGTERM)
   outs = _wait_pair(pair)
+  for out in outs:
+    assert "Resumed from the checkpoint at step 2 " in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+  assert os.path.isdir(os.path.join(multi, checkpoint.UNREADABLE_DIR, "4"))
   steps = [
       re.search(
           r"(?:Signal 15 received|Another process received a stop signal): "
@@ -529,21 +566,8 @@ def test_two_processes_agree_on_the_step_a_sigterm_stops_at(tmp_path):
   assert all(steps), [out[-2000:] for out in outs]
   assert "Signal 15 received" in outs[1] and "Another process received" in outs[0]
   stopped = {int(m.group(1)) for m in steps}
-  assert len(stopped) == 1 and 2 <= min(stopped) < 200, stopped
-  assert complete_steps(workdir)[-1] == stopped.pop()
-
-
-def test_two_processes_set_a_corrupt_newest_checkpoint_aside_and_resume(tmp_path):
-  workdir = str(tmp_path / "run")
-  args = ("--config.training.checkpoint_every_steps=2",)
-  _wait_pair(_start_pair(workdir, "--config.training.num_train_steps=4", *args))
-  assert complete_steps(workdir) == [2, 4]
-  CORRUPTIONS["params_bits_flipped"](os.path.join(checkpoint.checkpoint_dir(workdir), "4"))
-  outs = _wait_pair(_start_pair(workdir, "--config.training.num_train_steps=6", *args))
-  for out in outs:
-    assert "Resumed from the checkpoint at step 2 " in out, out[-3000:]
-    assert "Traceback" not in out
-  assert os.path.isdir(os.path.join(workdir, checkpoint.UNREADABLE_DIR, "4"))
-  assert complete_steps(workdir) == [4, 6]  # configs/test.py keeps 2 checkpoints
-  final = load(workdir)
-  assert int(final.step) == 6 and all_finite(final.params)
+  assert len(stopped) == 1 and 3 <= min(stopped) < 200, stopped
+  last = stopped.pop()
+  assert complete_steps(multi)[-1] == last
+  final = load(multi)
+  assert int(final.step) == last and all_finite(final.params)

@@ -328,51 +328,12 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
   r = _main(f"--workdir={part}", "--config.training.num_train_steps=6", args[0], env=env)
   assert r.returncode == 1
   assert "config.training.t_sampler='loss_aware', the config says 'uniform'" in r.stderr
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=5", *args[:3], env=env)
+  # The warning comes with the restore, before any program is built: a run with nothing
+  # left to train shows it without compiling the plain model.
+  r = _main(f"--workdir={part}", "--config.training.num_train_steps=4", *args[:3], env=env)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "trained with the CPU kernels on, this run has them off" in r.stderr
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
-  single = str(tmp_path / "single")
-  multi = str(tmp_path / "multi")
-  args = ["--config.training.num_train_steps=3", "--config.training.checkpoint_every_steps=3"]
-  r = _main(f"--workdir={single}", *args, env={"XLA_FLAGS": _xla_flags(4)})
-  assert r.returncode == 0, r.stderr[-3000:]
-  import socket
-
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  cmd = lambda i: [
-      sys.executable,
-      os.path.join(ROOT, "main.py"),
-      "--config",
-      os.path.join(ROOT, "configs/test.py"),
-      f"--workdir={multi}",
-      *args,
-      f"--coordinator_address=localhost:{port}",
-      "--num_processes=2",
-      f"--process_id={i}",
-  ]
-  # As in test_reliability.py: the small collective programs are not cached (two processes
-  # hung in their first all-gather when they were).
-  env = dict(os.environ, XLA_FLAGS=_xla_flags(2), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
-  procs = [
-      subprocess.Popen(
-          cmd(i), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-      )
-      for i in range(2)
-  ]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert "2 processes, 4 devices" in outs[0][1]
-  a, b = _final_state(single), _final_state(multi)
-  assert int(b.step) == 3
-  assert_trees_close(a.params, b.params, rtol=1e-4, atol=1e-5)
-  assert_trees_close(a.ema_params, b.ema_params, rtol=1e-4, atol=1e-5)
+  assert "workdir is at step 4 >= num_train_steps 4: nothing to train" in r.stderr
 
 
 @pytest.mark.slow
