@@ -12,6 +12,9 @@ per seed: the FID real data reaches at that sample size), ``real_heldout``
 Gaussian fitted to the training pixels. ``--samples``: model samples (uint8
 NHWC under key 'images'), their first ``--num``; with key 'labels' (a
 class-conditional model) also the classifier's accuracy on the requested class.
+Also per set: the classifier's mean top-class probability, the share of images
+under 0.9, and the entropy of the mean class distribution (ln 10 = 2.303 when
+balanced): IS falls with the first two and rises with the third.
 """
 
 import argparse
@@ -70,6 +73,12 @@ def main():
     row = dict(set=name, num=len(images), is_mean=round(is_mean, 3), is_std=round(is_std, 3))
     for split, (mu, sigma) in refs.items():
       row[f"fid_{split}"] = round(metrics.frechet_distance(m, s, mu, sigma), 3)
+    # Where IS comes from: the confidence per image and the balance of the classes.
+    top = np.max(probs, axis=1)
+    mean_probs = np.mean(probs, axis=0)
+    row["mean_top_prob"] = round(float(np.mean(top)), 4)
+    row["frac_top_prob_below_0.9"] = round(float(np.mean(top < 0.9)), 4)
+    row["class_entropy_nats"] = round(float(-np.sum(mean_probs * np.log(mean_probs))), 4)
     if labels is not None:
       row["class_accuracy"] = round(float(np.mean(np.argmax(probs, axis=1) == labels)), 4)
     print(json.dumps(row))
