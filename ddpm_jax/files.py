@@ -39,11 +39,15 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
   except BaseException as e:
     with contextlib.suppress(OSError):
       os.remove(tmp)
-    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-      raise errors.StorageError(
-          f"could not write {path}: {STORAGE_ERRNOS[e.errno]}; nothing " "was left half-written"
-      ) from e
+    if isinstance(e, OSError):
+      raise_if_storage(e, f"could not write {path}", "nothing was left half-written")
     raise
+
+
+def raise_if_storage(e: OSError, doing: str, consequence: str) -> None:
+  """Raises a one-line StorageError for ``e`` if the storage refused the write; else returns."""
+  if e.errno in STORAGE_ERRNOS:
+    raise errors.StorageError(f"{doing}: {STORAGE_ERRNOS[e.errno]}; {consequence}") from e
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -59,12 +59,8 @@ class Lock:
     try:
       self._acquire()
     except OSError as e:
-      if isinstance(e, errors.UserError) or e.errno not in files.STORAGE_ERRNOS:
-        raise
-      raise errors.StorageError(
-          f"could not take the lock {self.path}: {files.STORAGE_ERRNOS[e.errno]}; nothing "
-          "was written"
-      ) from None
+      files.raise_if_storage(e, f"could not take the lock {self.path}", "nothing was written")
+      raise
     return self
 
   def _acquire(self) -> None:
