@@ -144,3 +144,65 @@ def test_chunked_weight_grad_bfloat16():
       ones, dy, jnp.zeros((1, 1, 1, 1), jnp.bfloat16), (1, 1), "VALID", chunk=1
   )
   assert float(got.reshape(())) == 1008.0
+
+
+@pytest.mark.parametrize(
+    "x_shape,strides,padding",
+    [
+        ((3, 2, 2, 16), (1, 1), "SAME"),  # the digits U-Net's lowest level
+        ((3, 4, 4, 16), (2, 2), "SAME"),  # its Downsample to 2x2: TF pads 0 before, 1 after
+        ((3, 5, 6, 16), (1, 1), "SAME"),  # odd, non-square (the rule is not consulted here)
+        ((3, 5, 6, 16), (2, 2), "SAME"),
+        ((3, 4, 4, 16), (1, 1), ((1, 0), (0, 1))),
+        ((3, 4, 4, 16), (1, 1), "VALID"),
+    ],
+)
+def test_conv_as_matmul_values_and_gradients_match_numpy(x_shape, strides, padding):
+  """The matrix-product convolution and both its gradients against float64 sums over taps."""
+  rng = np.random.RandomState(2)
+  x = rng.randn(*x_shape).astype(np.float32)
+  kernel = (0.2 * rng.randn(3, 3, 16, 8)).astype(np.float32)
+  y = np.asarray(conv.conv_as_matmul(jnp.asarray(x), jnp.asarray(kernel), strides, padding))
+  ref = np_conv(x, kernel, strides, padding)
+  assert y.shape == ref.shape
+  np.testing.assert_allclose(y, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+  dy = rng.randn(*ref.shape).astype(np.float32)
+  grad = jax.jit(
+      jax.grad(
+          lambda x, k: jnp.sum(conv.conv_as_matmul(x, k, strides, padding) * dy), argnums=(0, 1)
+      )
+  )
+  dx, dk = grad(jnp.asarray(x), jnp.asarray(kernel))
+  ref_dk = np_weight_grad(x, dy, 3, strides, padding)
+  np.testing.assert_allclose(np.asarray(dk), ref_dk, atol=1e-5 * np.abs(ref_dk).max(), rtol=0)
+  probe = rng.randn(*x.shape)
+  np.testing.assert_allclose(
+      np.sum(np_conv(probe, kernel, strides, padding) * dy),
+      np.sum(probe * np.asarray(dx, np.float64)),
+      rtol=1e-4,
+  )
+
+
+@pytest.mark.parametrize(
+    "x_shape,strides,padding,expected",
+    [
+        ((64, 2, 2, 64), (1, 1), "SAME", True),  # 2x2 output
+        ((64, 4, 4, 64), (2, 2), "SAME", True),  # Downsample to 2x2
+        ((64, 1, 3, 64), (1, 1), "SAME", True),  # 3 pixels
+        ((64, 4, 4, 64), (1, 1), "SAME", False),  # 4x4: XLA's convolution is as fast
+        ((64, 8, 8, 64), (2, 2), "SAME", False),  # Downsample to 4x4
+        ((64, 2, 3, 64), (1, 1), "SAME", False),  # 6 pixels
+    ],
+)
+def test_matmul_applies(x_shape, strides, padding, expected):
+  assert conv.matmul_applies(x_shape, (3, 3, 64, 64), strides, padding) == expected
+
+
+def test_conv3x3_on_a_2x2_image_is_one_matrix_product():
+  """At 2x2 the compiled forward and backward contain no convolution op."""
+  x, k = jnp.ones((4, 2, 2, 32)), jnp.ones((3, 3, 32, 32))
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k) ** 2), argnums=(0, 1)))
+  assert " convolution(" not in grad.lower(x, k).compile().as_text()
+  grad4 = jax.jit(jax.grad(lambda x, k: jnp.sum(conv.conv3x3(x, k) ** 2), argnums=(0, 1)))
+  assert " convolution(" in grad4.lower(jnp.ones((4, 4, 4, 32)), k).compile().as_text()

@@ -5,9 +5,10 @@
 and with the default ``False``, the model is the plain Flax program and none of
 this package is in it. What changes with it on:
 
-* ``conv.py``: 3x3 convs by Winograd's F(4x4, 3x3) (``winograd.py``) from 64
-  channels at 16x16 and above, and weight gradients summed over cache-sized
-  batch chunks elsewhere;
+* ``conv.py``: 3x3 convs by Winograd's F(4x4, 3x3) (``winograd.py``) at 16x16
+  and above with enough channels, as one matrix product on outputs of at most
+  2x2 pixels, and with weight gradients summed over cache-sized batch chunks
+  elsewhere;
 * ``upsample.py``: the Upsample conv as four 2x2 convs of the small input;
 * ``group_norm.py``: GroupNorm reduced over space with the channels minor;
 * ``dropout.py``: dropout masks hashed once and stored (the same bits as

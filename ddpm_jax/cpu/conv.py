@@ -7,7 +7,11 @@ kernel slows down sharply once its operands leave the core's L2 cache.
 :func:`conv2d` sums the weight gradients of chunks of the batch instead, each
 small enough to stay in cache; the forward pass and the input gradient are
 XLA's. :func:`conv3x3` uses Winograd's F(4x4, 3x3) (``winograd.py``) for the
-shapes where ``winograd.applies``, a rule on static shapes only.
+shapes where ``winograd.applies``, and computes outputs of at most
+``MAX_MATMUL_OUTPUT_PIXELS`` pixels as one matrix product of the shifted copies
+of the input (:func:`conv_as_matmul`): XLA:CPU's
+convolution is 2-13x slower than that product on 2x2 outputs (the lowest level
+of the digits U-Net). Both are rules on static shapes only.
 
 Both differ from XLA's convolution by float rounding only. Only the U-Net built
 with ``cpu_kernels=True`` calls this module (see ``ddpm_jax/cpu/__init__.py``).
@@ -16,7 +20,7 @@ with ``cpu_kernels=True`` calls this module (see ``ddpm_jax/cpu/__init__.py``).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,9 @@ WEIGHT_GRAD_CHUNK_BYTES = 1 << 19
 # Below this many output channels the weight gradient is cheap and XLA's single
 # convolution is kept (the output conv to 1 or 3 channels).
 MIN_CHUNKED_FEATURES = 16
+
+# Outputs with at most this many pixels (2x2) are computed as one matrix product.
+MAX_MATMUL_OUTPUT_PIXELS = 4
 
 Padding = Union[str, Sequence[Sequence[int]]]
 
@@ -120,14 +127,75 @@ def _conv2d_bwd(strides, padding, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def _explicit_padding(x_shape, k_shape, strides, padding) -> Tuple[Tuple[int, int], ...]:
+  """``((top, bottom), (left, right))`` for lax's 'SAME' (odd pixel at the end), 'VALID' or pairs."""
+  if padding == "VALID":
+    return ((0, 0), (0, 0))
+  if padding != "SAME":
+    return tuple(tuple(p) for p in padding)
+  pairs = []
+  for size, stride, window in zip(x_shape[1:3], strides, k_shape[:2]):
+    total = max((-(-size // stride) - 1) * stride + window - size, 0)
+    pairs.append((total // 2, total - total // 2))
+  return tuple(pairs)
+
+
+def _output_size(x_shape, k_shape, strides, padding) -> Tuple[int, int]:
+  """(H', W') of the convolution."""
+  pads = _explicit_padding(x_shape, k_shape, strides, padding)
+  return tuple(
+      (size + lo + hi - window) // stride + 1
+      for size, (lo, hi), window, stride in zip(x_shape[1:3], pads, k_shape[:2], strides)
+  )
+
+
+def conv_as_matmul(
+    x: jax.Array, kernel: jax.Array, strides: tuple = (1, 1), padding: Padding = "SAME"
+) -> jax.Array:
+  """A convolution as one matrix product of the ``kh * kw`` shifted copies of ``x``.
+
+  Args and result as :func:`conv2d`; equal to lax's convolution up to float
+  rounding. The gradients are JAX's of the slices and the product.
+  """
+  B, _, _, c_in = x.shape
+  kh, kw, _, c_out = kernel.shape
+  (sh, sw), pads = strides, _explicit_padding(x.shape, kernel.shape, strides, padding)
+  Ho, Wo = _output_size(x.shape, kernel.shape, strides, padding)
+  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  taps = [
+      xp[:, i : i + (Ho - 1) * sh + 1 : sh, j : j + (Wo - 1) * sw + 1 : sw, :]
+      for i in range(kh)
+      for j in range(kw)
+  ]
+  cols = jnp.concatenate(taps, axis=-1).reshape(B * Ho * Wo, kh * kw * c_in)
+  y = cols @ kernel.reshape(kh * kw * c_in, c_out)
+  return y.reshape(B, Ho, Wo, c_out)
+
+
+def matmul_applies(
+    x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int], padding: Padding
+) -> bool:
+  """Whether :func:`conv3x3` uses :func:`conv_as_matmul`: outputs of at most 2x2 pixels.
+
+  Args: x_shape: ``(B, H, W, Cin)``; k_shape: ``(kh, kw, Cin, Cout)``; strides and
+  padding as :func:`conv2d`.
+  """
+  Ho, Wo = _output_size(x_shape, k_shape, strides, padding)
+  return Ho * Wo <= MAX_MATMUL_OUTPUT_PIXELS
+
+
 def conv3x3(
     x: jax.Array, kernel: jax.Array, strides: tuple = (1, 1), padding: Padding = "SAME"
 ) -> jax.Array:
-  """A 3x3 convolution: ``winograd.conv3x3`` where ``winograd.applies``, else :func:`conv2d`.
+  """A 3x3 convolution: Winograd, one matrix product or :func:`conv2d`, by static shape.
 
+  ``winograd.conv3x3`` where ``winograd.applies``, :func:`conv_as_matmul` where
+  :func:`matmul_applies` (outputs of at most 2x2), :func:`conv2d` elsewhere.
   Args and result as :func:`conv2d`; the choice depends on the static shapes,
   strides, padding and dtype only.
   """
   if winograd.applies(x.shape, kernel.shape, strides, padding, x.dtype):
     return winograd.conv3x3(x, kernel)
+  if matmul_applies(x.shape, kernel.shape, strides, padding):
+    return conv_as_matmul(x, kernel, tuple(strides), padding)
   return conv2d(x, kernel, strides, padding)
