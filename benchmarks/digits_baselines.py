@@ -15,6 +15,14 @@ class-conditional model) also the classifier's accuracy on the requested class.
 Also per set: the classifier's mean top-class probability, the share of images
 under 0.9, and the entropy of the mean class distribution (ln 10 = 2.303 when
 balanced): IS falls with the first two and rises with the third.
+
+IS cuts a set into 10 consecutive splits, so it depends on the order of the
+images. Samples come in a random order and ``real_train`` draws too; the
+held-out digits are stored in the order scikit-learn ships them, whose
+consecutive runs of 30 hold the ten classes more evenly than random runs do.
+Their ``is_mean`` is therefore the mean over ``--orders`` random orders
+(``is_std`` its spread over them), and ``is_stored_order`` the IS in the stored
+order (8.78, against 8.05-8.84 for random orders).
 """
 
 import argparse
@@ -36,6 +44,7 @@ def main():
   parser.add_argument("--samples", default="", help="comma-separated .npz of model samples")
   parser.add_argument("--num", type=int, default=512, help="images per set")
   parser.add_argument("--seeds", default="0,1,2", help="draws of the real_train set")
+  parser.add_argument("--orders", type=int, default=100, help="random orders of the held-out IS")
   args = parser.parse_args()
   config = digits.get_config()
   extractor = features.get_feature_extractor(config)
@@ -71,6 +80,17 @@ def main():
     m, s = metrics.feature_statistics(feats)
     is_mean, is_std = metrics.inception_score(probs, num_splits=10)
     row = dict(set=name, num=len(images), is_mean=round(is_mean, 3), is_std=round(is_std, 3))
+    if name == "real_heldout":
+      order_rng = np.random.default_rng(0)
+      shuffled = [
+          metrics.inception_score(probs[order_rng.permutation(len(probs))], num_splits=10)[0]
+          for _ in range(args.orders)
+      ]
+      row.update(
+          is_mean=round(float(np.mean(shuffled)), 3),
+          is_std=round(float(np.std(shuffled)), 3),
+          is_stored_order=round(is_mean, 3),
+      )
     for split, (mu, sigma) in refs.items():
       row[f"fid_{split}"] = round(metrics.frechet_distance(m, s, mu, sigma), 3)
     # Where IS comes from: the confidence per image and the balance of the classes.
