@@ -31,17 +31,19 @@ def get_config():
   config.optim.warmup_steps = 100
   config.optim.ema_decay = 0.995  # averages over ~200 steps instead of ~10k
   config.training.batch_size = 128
-  # with 250-step sampling of 512 images: under 10 minutes on 2 CPU cores
+  # with 1000-step sampling of 512 images: about 6 minutes on 2 CPU cores
   config.training.num_train_steps = 2000
   config.training.log_every_steps = 100
   config.training.checkpoint_every_steps = 500
   config.training.sample_every_steps = 2000  # one grid, at the end
   config.training.num_grid_samples = 64
-  # Algorithm 2 respaced to 250 steps: on this model the stochastic sampler's digits are
-  # recognised more often than the ODE samplers' (DDIM, DPM-Solver++) at any step count
-  # (docs/performance.md). --config.sampling.num_steps=0: all 1000 steps.
+  # Algorithm 2 with all 1000 steps, as in the paper: on this model its FID is lower
+  # and steadier across sampling seeds than with 250 respaced steps, and its IS higher
+  # than the ODE samplers' (DDIM, DPM-Solver++) at any step count (docs/performance.md).
+  # --config.sampling.num_steps=250: 3x faster; --config.sampling.sampler=dpm_solver++
+  # --config.sampling.num_steps=20: 18x faster.
   config.sampling.sampler = "ancestral"
-  config.sampling.num_steps = 250
+  config.sampling.num_steps = 0
   config.sampling.num_samples = 512  # FID/IS need n >= 512 to rise above estimation noise
   config.sampling.batch_size = 512
   config.eval.batch_size = 64
