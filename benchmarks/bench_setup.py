@@ -24,6 +24,21 @@ def setup(config, cpu_devices: int = 0) -> None:
   host.setup(config, cpu_devices)
 
 
+def config_with_cpu_kernels_or_cores(config, cpu_devices: int = 0):
+  """For the A/B scripts that take --config or --shapes; call before any JAX op.
+
+  With a config: the config with ``model.cpu_kernels=True`` and the process
+  set up for it (:func:`setup`); without one: one device per core
+  (:func:`use_all_cores`) and None.
+  """
+  if config is None:
+    use_all_cores(cpu_devices)
+    return None
+  config = with_cpu_kernels(config)
+  setup(config, cpu_devices)
+  return config
+
+
 def malloc_info() -> dict:
   """The C allocator of this process, for the JSON lines (``ddpm_jax.cpu.malloc.describe``)."""
   from ddpm_jax.cpu import malloc  # pylint: disable=g-import-not-at-top

@@ -85,12 +85,7 @@ def _conv_programs(shape, budgets):
 
 def main(argv):
   del argv
-  config = None
-  if FLAGS.config is not None:
-    config = bench_setup.with_cpu_kernels(FLAGS.config)
-    bench_setup.setup(config, FLAGS.cpu_devices)
-  else:
-    bench_setup.use_all_cores(FLAGS.cpu_devices)
+  config = bench_setup.config_with_cpu_kernels_or_cores(FLAGS.config, FLAGS.cpu_devices)
   import jax  # pylint: disable=g-import-not-at-top
 
   budgets = [int(b) for b in FLAGS.budgets]

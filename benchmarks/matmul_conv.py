@@ -83,14 +83,7 @@ def _conv_programs(shape):
 
 def main(argv):
   del argv
-  config = None
-  if FLAGS.config is not None:
-    config = bench_setup.with_cpu_kernels(FLAGS.config)
-    bench_setup.setup(config, FLAGS.cpu_devices)
-  else:
-    bench_setup.use_all_cores(FLAGS.cpu_devices)
-  import jax  # pylint: disable=g-import-not-at-top
-
+  config = bench_setup.config_with_cpu_kernels_or_cores(FLAGS.config, FLAGS.cpu_devices)
   cases = {}
   if config is not None:
     cases["train_step"] = _train_step_programs(config)
@@ -100,18 +93,11 @@ def main(argv):
     raise app.UsageError("give --config or --shapes")
   results = {}
   for case, progs in cases.items():
-    for fn in progs.values():  # compiled already; one untimed call each
-      jax.block_until_ready(fn())
-    medians = bench_setup.median_ms_alternating(
-        {n: {"call": fn} for n, fn in progs.items()}, (), FLAGS.reps, FLAGS.calls
-    )
-    ms = {n: medians[f"{n}_call_ms"] for n in progs}
+    ms = bench_setup.time_against_baselines(progs, lambda n: "conv", FLAGS.reps, FLAGS.calls, case)
     results[case] = {
         **{n: round(v, 3) for n, v in ms.items()},
         "speedup": round(ms["conv"] / ms["matmul"], 3),
     }
-    for n, v in ms.items():
-      print(f"{case:>22} {n:>6}: {v:9.3f} ms per call, {ms['conv'] / v:5.2f}x", file=sys.stderr)
   print(json.dumps(results))
 
 

@@ -60,12 +60,7 @@ def _separable():
 
 def main(argv):
   del argv
-  config = None
-  if FLAGS.config is not None:
-    config = bench_setup.with_cpu_kernels(FLAGS.config)
-    bench_setup.setup(config, FLAGS.cpu_devices)
-  else:
-    bench_setup.use_all_cores(FLAGS.cpu_devices)
+  config = bench_setup.config_with_cpu_kernels_or_cores(FLAGS.config, FLAGS.cpu_devices)
   from unittest import mock  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -57,6 +57,31 @@ def np_weight_grad(x, dy, ksize, strides, padding):
   return dw
 
 
+def assert_conv_matches_numpy(fn, x, kernel, strides, padding, rng):
+  """``fn(x, kernel, strides, padding)``, its weight and its input gradient against float64 numpy.
+
+  Returns the jitted gradient function (of x and kernel) it checked.
+  """
+  y = np.asarray(fn(jnp.asarray(x), jnp.asarray(kernel), strides, padding))
+  ref = np_conv(x, kernel, strides, padding)
+  assert y.shape == ref.shape
+  np.testing.assert_allclose(y, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+  dy = rng.randn(*ref.shape).astype(np.float32)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(fn(x, k, strides, padding) * dy), argnums=(0, 1)))
+  dx, dk = grad(jnp.asarray(x), jnp.asarray(kernel))
+  ref_dk = np_weight_grad(x, dy, 3, strides, padding)
+  np.testing.assert_allclose(np.asarray(dk), ref_dk, atol=1e-5 * np.abs(ref_dk).max(), rtol=0)
+  # The input gradient is the transpose of the forward map: <conv(x), dy> = <x, dx> for all x.
+  probe = rng.randn(*x.shape)
+  np.testing.assert_allclose(
+      np.sum(np_conv(probe, kernel, strides, padding) * dy),
+      np.sum(probe * np.asarray(dx, np.float64)),
+      rtol=1e-4,
+  )
+  return grad
+
+
 @pytest.mark.parametrize(
     "x_shape,out,itemsize,budget,expected",
     [
@@ -90,24 +115,7 @@ def test_conv2d_values_and_gradients_match_numpy(monkeypatch, strides, padding):
   rng = np.random.RandomState(0)
   x = rng.randn(3, 6, 5, 16).astype(np.float32)  # odd, non-square
   kernel = (0.2 * rng.randn(3, 3, 16, 16)).astype(np.float32)
-  y = np.asarray(conv.conv2d(jnp.asarray(x), jnp.asarray(kernel), strides, padding))
-  ref = np_conv(x, kernel, strides, padding)
-  np.testing.assert_allclose(y, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
-
-  dy = rng.randn(*ref.shape).astype(np.float32)
-  grad = jax.jit(
-      jax.grad(lambda x, k: jnp.sum(conv.conv2d(x, k, strides, padding) * dy), argnums=(0, 1))
-  )
-  dx, dk = grad(jnp.asarray(x), jnp.asarray(kernel))
-  ref_dk = np_weight_grad(x, dy, 3, strides, padding)
-  np.testing.assert_allclose(np.asarray(dk), ref_dk, atol=1e-5 * np.abs(ref_dk).max(), rtol=0)
-  # The input gradient is the transpose of the forward map: <conv(x), dy> = <x, dx> for all x.
-  probe = rng.randn(*x.shape)
-  np.testing.assert_allclose(
-      np.sum(np_conv(probe, kernel, strides, padding) * dy),
-      np.sum(probe * np.asarray(dx, np.float64)),
-      rtol=1e-4,
-  )
+  grad = assert_conv_matches_numpy(conv.conv2d, x, kernel, strides, padding, rng)
   # The program really was chunked: 1 input-gradient + 3 weight-gradient convs (the loss is
   # linear in the output, so XLA drops the forward conv).
   hlo = grad.lower(jnp.asarray(x), jnp.asarray(kernel)).compile().as_text()
@@ -162,26 +170,7 @@ def test_conv_as_matmul_values_and_gradients_match_numpy(x_shape, strides, paddi
   rng = np.random.RandomState(2)
   x = rng.randn(*x_shape).astype(np.float32)
   kernel = (0.2 * rng.randn(3, 3, 16, 8)).astype(np.float32)
-  y = np.asarray(conv.conv_as_matmul(jnp.asarray(x), jnp.asarray(kernel), strides, padding))
-  ref = np_conv(x, kernel, strides, padding)
-  assert y.shape == ref.shape
-  np.testing.assert_allclose(y, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
-
-  dy = rng.randn(*ref.shape).astype(np.float32)
-  grad = jax.jit(
-      jax.grad(
-          lambda x, k: jnp.sum(conv.conv_as_matmul(x, k, strides, padding) * dy), argnums=(0, 1)
-      )
-  )
-  dx, dk = grad(jnp.asarray(x), jnp.asarray(kernel))
-  ref_dk = np_weight_grad(x, dy, 3, strides, padding)
-  np.testing.assert_allclose(np.asarray(dk), ref_dk, atol=1e-5 * np.abs(ref_dk).max(), rtol=0)
-  probe = rng.randn(*x.shape)
-  np.testing.assert_allclose(
-      np.sum(np_conv(probe, kernel, strides, padding) * dy),
-      np.sum(probe * np.asarray(dx, np.float64)),
-      rtol=1e-4,
-  )
+  assert_conv_matches_numpy(conv.conv_as_matmul, x, kernel, strides, padding, rng)
 
 
 @pytest.mark.parametrize(
