@@ -56,12 +56,7 @@ def _conv_programs(shape):
   from ddpm_jax.cpu import conv  # pylint: disable=g-import-not-at-top
 
   stride = shape[5] if len(shape) > 5 else 1
-  b, h, w, c_in, c_out = shape[:5]
-  d = jax.local_device_count()
-  rng = np.random.default_rng(0)
-  put = jax.pmap(lambda a: a)
-  x = put(rng.standard_normal((d, b, h, w, c_in), np.float32))
-  kernel = put(rng.standard_normal((d, 3, 3, c_in, c_out), np.float32) / np.sqrt(9 * c_in))
+  x, kernel, _ = bench_setup.conv_operands(shape[:5])
   strides = (stride, stride)
   progs, outs = {}, {}
   for name, fn in (("conv", conv.conv2d), ("matmul", conv.conv_as_matmul)):

@@ -20,7 +20,7 @@ with ``cpu_kernels=True`` calls this module (see ``ddpm_jax/cpu/__init__.py``).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -127,26 +127,15 @@ def _conv2d_bwd(strides, padding, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _explicit_padding(x_shape, k_shape, strides, padding) -> Tuple[Tuple[int, int], ...]:
-  """``((top, bottom), (left, right))`` for lax's 'SAME' (odd pixel at the end), 'VALID' or pairs."""
-  if padding == "VALID":
-    return ((0, 0), (0, 0))
-  if padding != "SAME":
-    return tuple(tuple(p) for p in padding)
-  pairs = []
-  for size, stride, window in zip(x_shape[1:3], strides, k_shape[:2]):
-    total = max((-(-size // stride) - 1) * stride + window - size, 0)
-    pairs.append((total // 2, total - total // 2))
-  return tuple(pairs)
-
-
-def _output_size(x_shape, k_shape, strides, padding) -> Tuple[int, int]:
-  """(H', W') of the convolution."""
-  pads = _explicit_padding(x_shape, k_shape, strides, padding)
-  return tuple(
+def _pads_and_output_size(x_shape, k_shape, strides, padding):
+  """(``((top, bottom), (left, right))``, ``(H', W')``) of the convolution, as lax pads it."""
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x_shape[1:3], k_shape[:2], strides, padding)
+  out = tuple(
       (size + lo + hi - window) // stride + 1
-      for size, (lo, hi), window, stride in zip(x_shape[1:3], pads, k_shape[:2], strides)
+      for size, (lo, hi), window, stride in zip(x_shape[1:3], padding, k_shape[:2], strides)
   )
+  return tuple(map(tuple, padding)), out
 
 
 def conv_as_matmul(
@@ -159,8 +148,8 @@ def conv_as_matmul(
   """
   B, _, _, c_in = x.shape
   kh, kw, _, c_out = kernel.shape
-  (sh, sw), pads = strides, _explicit_padding(x.shape, kernel.shape, strides, padding)
-  Ho, Wo = _output_size(x.shape, kernel.shape, strides, padding)
+  sh, sw = strides
+  pads, (Ho, Wo) = _pads_and_output_size(x.shape, kernel.shape, strides, padding)
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   taps = [
       xp[:, i : i + (Ho - 1) * sh + 1 : sh, j : j + (Wo - 1) * sw + 1 : sw, :]
@@ -180,7 +169,7 @@ def matmul_applies(
   Args: x_shape: ``(B, H, W, Cin)``; k_shape: ``(kh, kw, Cin, Cout)``; strides and
   padding as :func:`conv2d`.
   """
-  Ho, Wo = _output_size(x_shape, k_shape, strides, padding)
+  _, (Ho, Wo) = _pads_and_output_size(x_shape, k_shape, strides, padding)
   return Ho * Wo <= MAX_MATMUL_OUTPUT_PIXELS
 
 
@@ -197,5 +186,5 @@ def conv3x3(
   if winograd.applies(x.shape, kernel.shape, strides, padding, x.dtype):
     return winograd.conv3x3(x, kernel)
   if matmul_applies(x.shape, kernel.shape, strides, padding):
-    return conv_as_matmul(x, kernel, tuple(strides), padding)
+    return conv_as_matmul(x, kernel, strides, padding)
   return conv2d(x, kernel, strides, padding)
