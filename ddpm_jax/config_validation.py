@@ -16,6 +16,8 @@ from ddpm_jax.diffusion import schedules
 from ddpm_jax.diffusion.gaussian import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 
 ConfigError = errors.ConfigError
+# The samplers that use sampling.timestep_spacing and sampling.thresholding.
+SPACED_SAMPLERS = ("dpm_solver++",)
 
 
 def _require(cond: bool, field: str, value, allowed: str) -> None:
@@ -88,8 +90,72 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
     )
 
 
+# The batch sizes split over the devices: (field, True when over all processes' devices).
+BATCH_FIELDS = (
+    ("training.batch_size", True),
+    ("sampling.batch_size", False),
+    ("eval.batch_size", False),
+)
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def devices_that_fit(config: ml_collections.ConfigDict, most: int, num_processes: int = 1) -> int:
+  """The largest device count per process d <= ``most`` that splits every batch of ``config``.
+
+  training.batch_size over num_processes * d devices (and each device's share
+  into training.grad_accum_steps), sampling.batch_size and eval.batch_size over
+  d. Fields that are not positive integers are left to ``validate``.
+  """
+  t = config.training
+  for d in range(max(int(most), 1), 1, -1):
+    ok = True
+    for field, is_global in BATCH_FIELDS:
+      section, name = field.split(".")
+      v = config[section][name]
+      n = d * num_processes if is_global else d
+      ok = ok and (not _positive_int(v) or v % n == 0)
+    if ok and _positive_int(t.batch_size) and _positive_int(t.grad_accum_steps):
+      ok = (t.batch_size // (d * num_processes)) % t.grad_accum_steps == 0
+    if ok:
+      return d
+  return 1
+
+
+def _check_batches_split(config, num_devices: int, num_local_devices: int, hint: str) -> None:
+  """One ConfigError naming every batch size the devices do not divide (and ``hint``)."""
+  bad = []
+  for field, is_global in BATCH_FIELDS:
+    _int(config, field, 1)
+    section, name = field.split(".")
+    n = num_devices if is_global else num_local_devices
+    if config[section][name] % n:
+      local = not is_global and num_local_devices != num_devices
+      bad.append((field, config[section][name], "local " if local else "", n))
+  if not bad:
+    return
+  names = [f"config.{field}={v}" for field, v, _, _ in bad]
+  if len({(kind, n) for _, _, kind, n in bad}) == 1:
+    _, _, kind, n = bad[0]
+    what = f"divisible by the number of {kind}devices ({n})"
+  else:
+    what = "divisible by the number of " + ", ".join(
+        f"{kind}devices ({n}) for {field}" for field, _, kind, n in bad
+    )
+  if len(bad) == 1:
+    message = f"{names[0]} is invalid: must be {what}"
+  else:
+    message = f"{', '.join(names[:-1])} and {names[-1]} are invalid: each must be {what}"
+  raise ConfigError(message + (f"; {hint}" if hint else ""))
+
+
 def validate(
-    config: ml_collections.ConfigDict, num_devices: int = 1, num_local_devices: int | None = None
+    config: ml_collections.ConfigDict,
+    num_devices: int = 1,
+    num_local_devices: int | None = None,
+    device_hint: str = "",
 ) -> None:
   """Raises ConfigError on the first invalid field.
 
@@ -97,6 +163,8 @@ def validate(
     config: the experiment config.
     num_devices: global device count (the batch is split over them).
     num_local_devices: devices of this process (the sampling batch is split over them).
+    device_hint: how to change the device count (``host.device_hint``), added to
+      the error when the devices do not divide the batch sizes.
   """
   num_local_devices = num_local_devices or num_devices
   check_fields(config)
@@ -221,13 +289,7 @@ def validate(
 
   # training
   t = config.training
-  _int(config, "training.batch_size", 1)
-  _require(
-      t.batch_size % num_devices == 0,
-      "training.batch_size",
-      t.batch_size,
-      f"must be divisible by the number of devices ({num_devices})",
-  )
+  _check_batches_split(config, num_devices, num_local_devices, device_hint)
   _int(config, "training.grad_accum_steps", 1)
   _require(
       (t.batch_size // num_devices) % t.grad_accum_steps == 0,
@@ -267,6 +329,12 @@ def validate(
   _int(config, "sampling.class_label", -1)
   k = config.model.num_classes
   _require(
+      k > 0 or s.class_label == -1,
+      "sampling.class_label",
+      s.class_label,
+      "picks a class of a class-conditional model: needs model.num_classes > 0; leave it -1",
+  )
+  _require(
       s.class_label < max(k, 0) or s.class_label == -1,
       "sampling.class_label",
       s.class_label,
@@ -296,30 +364,55 @@ def validate(
       schedules.space_timesteps(config.diffusion.num_timesteps, f"ddim{s.num_steps}")
     except ValueError as e:
       raise ConfigError(f"config.sampling.num_steps={s.num_steps} is invalid: {e}") from None
+  T = config.diffusion.num_timesteps
+  # An 'xprev' network predicts the mean of one step of the T-step process; a respaced
+  # sampler would take it for the mean of a whole jump (its images come out far too wide).
+  _require(
+      config.diffusion.model_mean_type != "xprev" or s.num_steps in (0, T),
+      "sampling.num_steps",
+      s.num_steps,
+      f"an 'xprev' model (diffusion.model_mean_type) predicts the mean of one of the "
+      f"{T} steps, so it samples with all of them only: use 0",
+  )
   _number(config, "sampling.eta", 0.0, 1.0)
+  # Settings of one sampler that another would silently ignore.
+  _require(
+      s.eta == 0 or s.sampler == "ddim",
+      "sampling.eta",
+      s.eta,
+      f"only the 'ddim' sampler uses it, not sampling.sampler={s.sampler!r}; leave it 0",
+  )
+  _require(
+      s.timestep_spacing == "uniform" or s.sampler in SPACED_SAMPLERS,
+      "sampling.timestep_spacing",
+      s.timestep_spacing,
+      f"only {' and '.join(map(repr, SPACED_SAMPLERS))} uses it, not sampling.sampler="
+      f"{s.sampler!r}; leave it 'uniform'",
+  )
+  _require(
+      not s.thresholding or s.sampler in SPACED_SAMPLERS,
+      "sampling.thresholding",
+      s.thresholding,
+      f"only {' and '.join(map(repr, SPACED_SAMPLERS))} uses it, not sampling.sampler="
+      f"{s.sampler!r} (which clips with sampling.clip_denoised); leave it False",
+  )
   _int(config, "sampling.num_samples", 1)
   _int(config, "sampling.batch_size", 1)
-  _require(
-      s.batch_size % num_local_devices == 0,
-      "sampling.batch_size",
-      s.batch_size,
-      f"must be divisible by the number of local devices ({num_local_devices})",
-  )
   _int(config, "sampling.checkpoint_step", -1)
   _bool(config, "sampling.clip_denoised")
 
   # evaluation
   _int(config, "eval.batch_size", 1)
-  _require(
-      config.eval.batch_size % num_local_devices == 0,
-      "eval.batch_size",
-      config.eval.batch_size,
-      f"must be divisible by the number of local devices ({num_local_devices})",
-  )
   _int(config, "eval.num_examples", 0)
   _int(config, "eval.num_fid_samples", 2)
   _int(config, "eval.seed", 0)
   _int(config, "eval.figure_rows", 1)
   _int(config, "eval.figure_columns", 1)
   _int(config, "eval.interp_t", 0)
+  _require(
+      config.eval.interp_t <= T,
+      "eval.interp_t",
+      config.eval.interp_t,
+      f"must be 0 (T/2) or a timestep 1..diffusion.num_timesteps={T}",
+  )
   _int(config, "eval.interp_lambdas", 2)

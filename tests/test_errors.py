@@ -689,3 +689,79 @@ def test_sampling_with_another_noise_schedule_is_refused(tmp_path, host_state):
   config.sampling.num_steps = 10  # respacing the trained schedule is fine
   _, step = checkpoint.restore_ema_params(manager, host_state.ema_params, config)
   assert step == 3
+
+
+# ----------------------------------------------------------------------------
+# Settings that would be silently wrong or do nothing; devices; process flags
+# ----------------------------------------------------------------------------
+
+
+def test_an_xprev_model_samples_with_all_steps_only():
+  """x_{t-1} predicted for one step of T is not the mean of a respaced jump: refused by name."""
+  expected = (
+      "config.sampling.num_steps=10 is invalid: an 'xprev' model (diffusion.model_mean_type) "
+      "predicts the mean of one of the 100 steps, so it samples with all of them only: use 0"
+  )
+  for sampler in ("ancestral", "ddim"):
+    assert (
+        validation_error(
+            diffusion__model_mean_type="xprev", sampling__sampler=sampler, sampling__num_steps=10
+        )
+        == expected
+    )
+  for sampler, steps in (("ancestral", 0), ("ddim", 100), ("ancestral", 100)):
+    config = test_config.get_config()
+    config.diffusion.model_mean_type = "xprev"
+    config.sampling.sampler, config.sampling.num_steps = sampler, steps
+    config_validation.validate(config, 2, 2)
+
+
+def test_settings_that_would_do_nothing_are_refused_by_name():
+  assert validation_error(sampling__eta=0.5) == (
+      "config.sampling.eta=0.5 is invalid: only the 'ddim' sampler uses it, not "
+      "sampling.sampler='ancestral'; leave it 0"
+  )
+  for sampler in ("ancestral", "ddim"):
+    assert validation_error(sampling__sampler=sampler, sampling__timestep_spacing="logsnr") == (
+        "config.sampling.timestep_spacing='logsnr' is invalid: only 'dpm_solver++' uses it, not "
+        f"sampling.sampler={sampler!r}; leave it 'uniform'"
+    )
+    assert validation_error(sampling__sampler=sampler, sampling__thresholding=True) == (
+        "config.sampling.thresholding=True is invalid: only 'dpm_solver++' uses it, not "
+        f"sampling.sampler={sampler!r} (which clips with sampling.clip_denoised); leave it False"
+    )
+  assert validation_error(eval__interp_t=101) == (
+      "config.eval.interp_t=101 is invalid: must be 0 (T/2) or a timestep "
+      "1..diffusion.num_timesteps=100"
+  )
+  assert validation_error(sampling__class_label=3) == (
+      "config.sampling.class_label=3 is invalid: picks a class of a class-conditional model: "
+      "needs model.num_classes > 0; leave it -1"
+  )
+  config = test_config.get_config()  # where they do something, they pass
+  config.sampling.sampler, config.sampling.eta = "ddim", 0.5
+  config.eval.interp_t = 100
+  config_validation.validate(config, 2, 2)
+  config.sampling.sampler, config.sampling.eta = "dpm_solver++", 0.0
+  config.sampling.timestep_spacing, config.sampling.thresholding = "logsnr", True
+  config_validation.validate(config, 2, 2)
+
+
+def test_every_batch_the_devices_do_not_divide_is_named_at_once():
+  config = test_config.get_config()
+  config.training.batch_size, config.sampling.batch_size, config.eval.batch_size = 128, 256, 256
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate(config, 6, 6, "HINT")
+  assert str(e.value) == (
+      "config.training.batch_size=128, config.sampling.batch_size=256 and "
+      "config.eval.batch_size=256 are invalid: each must be divisible by the number of devices "
+      "(6); HINT"
+  )
+  # The largest count that divides them all: the default on a 6- or 12-core machine.
+  fits = {n: config_validation.devices_that_fit(config, n) for n in (6, 12, 16, 7, 1)}
+  assert fits == {6: 4, 12: 8, 16: 16, 7: 4, 1: 1}
+  # 8 processes of 16 devices split 128 (the sampling and eval batches would take 32).
+  assert config_validation.devices_that_fit(config, 48, num_processes=8) == 16
+  config.training.grad_accum_steps = 8  # each device's share must split into 8
+  assert config_validation.devices_that_fit(config, 16) == 16
+  assert config_validation.devices_that_fit(config, 32) == 16
