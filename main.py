@@ -7,11 +7,14 @@
 Any config field can be overridden with --config.SECTION.FIELD=VALUE.
 """
 
+import os
+import signal
 import sys
 
+# Ctrl-C while the imports below load (seconds): one line, not a traceback.
+signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"error: stopped by SIGINT\n"), os._exit(130)))
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
 from ddpm_jax import config_loading, config_validation, errors, host, sample, workdirs
@@ -25,24 +28,16 @@ MODES = {
     "eval_fid": fid.run_eval_fid,
     "figures": figures.run_figures,
 }
-
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Experiment config file (configs/*.py).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, summaries and samples.")
 flags.DEFINE_enum("mode", "train", list(MODES), "What to run.")
-flags.DEFINE_integer(
-    "cpu_devices", 0, "CPU devices to split the batch over (0: one per core).", lower_bound=0
-)
+flags.DEFINE_integer("cpu_devices", 0, "CPU devices (0: one per core that fits).", lower_bound=0)
 flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detection: host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", lower_bound=0)
+flags.DEFINE_integer("coordinator_timeout", 300, "Multi-host: seconds to wait.", lower_bound=1)
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def fail(message) -> None:
-  """The one line ``error: ...`` on stderr, exit status 1."""
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(1)
 
 
 def parse_flags(argv):
@@ -51,29 +46,34 @@ def parse_flags(argv):
   try:
     rest = FLAGS([a for a in argv if a not in overrides])
   except flags.Error as e:
-    fail(f"{e} (see --helpfull)")
+    host.fail(f"{e} (see --helpfull)")
   if len(rest) > 1:
-    fail(f"unexpected argument {rest[1]!r} (flags are --name=value; see --helpfull)")
+    host.fail(f"unexpected argument {rest[1]!r} (flags are --name=value; see --helpfull)")
   return rest + overrides
 
 
 def main(argv):
   host.setup_logging()
+  signals, created = host.SignalWatcher().install(), []  # a signal: one line, 128 + signum
+  signals.at_exit.append(lambda: workdirs.remove_created(created))
   try:
     config = config_loading.load(FLAGS.config, argv[1:])
-    host.setup(
-        config, FLAGS.cpu_devices, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-    )
-    config_validation.validate(config, jax.device_count(), jax.local_device_count())
-    workdirs.prepare(FLAGS.workdir)
+    process_flags = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    host.setup(config, FLAGS.cpu_devices, *process_flags, FLAGS.coordinator_timeout)
+    n, local, hint = jax.device_count(), jax.local_device_count(), host.device_hint(config)
+    config_validation.validate(config, n, local, hint)
+    created += workdirs.prepare(FLAGS.workdir)
     if jax.process_index() == 0:
       host.setup_logging(FLAGS.workdir)
       if FLAGS.mode == "train":  # held until the process ends
         workdirs.Lock(FLAGS.workdir).acquire()
     MODES[FLAGS.mode](config, FLAGS.workdir)
+  except errors.Stopped as e:  # training stopped by a signal, its checkpoint written
+    sys.exit(e.status)
   except errors.UserError as e:
-    logging.error("%s: %s", type(e).__name__, e)
-    fail(e)
+    host.log_error(f"{type(e).__name__}: {e}")
+    workdirs.remove_created(created)
+    host.fail(e)
 
 
 if __name__ == "__main__":

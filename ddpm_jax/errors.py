@@ -22,6 +22,10 @@ class DataNotPreparedError(UserError):
   """A TFDS data set is not prepared on disk (nothing is downloaded)."""
 
 
+class DistributedError(UserError):
+  """Several processes cannot be joined: process flags that do not fit, no cluster, a time-out."""
+
+
 class WorkdirError(UserError):
   """The workdir cannot be used: not a directory, not writable, or in use by another run."""
 
@@ -52,3 +56,15 @@ class WeightsError(UserError, ValueError):
 
 class WeightsNotFoundError(WeightsError, FileNotFoundError):
   """A file or folder of pretrained weights is not on disk."""
+
+
+class Stopped(Exception):
+  """Training stopped by a signal after writing its checkpoint: main.py exits with ``status``.
+
+  Not a UserError: nothing went wrong, but the run did not finish, so a shell
+  (``train && sample``) or a job controller must not take it for a success.
+  """
+
+  def __init__(self, message: str, status: int):
+    super().__init__(message)
+    self.status = status

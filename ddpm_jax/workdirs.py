@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import time
 
@@ -23,8 +24,12 @@ from ddpm_jax import errors, files
 LOCK_FILE = ".lock"
 
 
-def prepare(workdir: str) -> None:
-  """Creates ``workdir``; a path that cannot be a writable directory is a WorkdirError."""
+def prepare(workdir: str) -> list[str]:
+  """Creates ``workdir``; a path that cannot be a writable directory is a WorkdirError.
+
+  Returns the directories it created, outermost first (empty when ``workdir``
+  existed), for ``remove_created``.
+  """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.WorkdirError(f"--workdir={workdir} is a file, not a directory")
   parent = os.path.dirname(os.path.abspath(workdir))
@@ -34,12 +39,42 @@ def prepare(workdir: str) -> None:
     raise errors.WorkdirError(
         f"--workdir={workdir} cannot be created: {parent} is a file, not a directory"
     )
+  created = []
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    created.insert(0, path)
+    path = os.path.dirname(path)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise errors.WorkdirError(f"--workdir={workdir} cannot be created: {e.strerror or e}") from e
   if not os.access(workdir, os.W_OK):
     raise errors.WorkdirError(f"--workdir={workdir} is not writable")
+  return created
+
+
+def _only_logs(directory: str) -> bool:
+  """Whether ``directory`` holds nothing but this program's logs (``log.*``) and the lock."""
+  for _, _, names in os.walk(directory):
+    if any(not (n.startswith("log.") or n == LOCK_FILE) for n in names):
+      return False
+  return True
+
+
+def remove_created(created: list[str]) -> None:
+  """Removes what ``prepare`` created for a run that failed before writing anything.
+
+  The workdir goes only when it holds nothing but the failed run's log; then the
+  parents ``prepare`` created go too, if empty. Anything else is left alone.
+  """
+  if not created or not os.path.isdir(created[-1]) or not _only_logs(created[-1]):
+    return
+  shutil.rmtree(created[-1], ignore_errors=True)
+  for directory in reversed(created[:-1]):
+    try:
+      os.rmdir(directory)
+    except OSError:
+      return
 
 
 class Lock:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -71,6 +72,7 @@ def assert_one_line_error(rc, stderr, expected):
   else:
     assert lines[0] == expected
   assert "Traceback" not in stderr and "Event loop is closed" not in stderr, stderr[-3000:]
+  assert stderr.count(lines[0][len("error: ") :]) == 1, stderr[-3000:]  # not logged as well
   return lines[0]
 
 
@@ -487,6 +489,7 @@ def test_cli_folder_with_only_undecodable_images(tmp_path):
       f"error: No decodable image ({IMAGE_EXTS}) under "
       f"data.folder={folder!r} (2 undecodable files).",
   )
+  assert not os.path.exists(tmp_path / "run")  # the failed run removed the workdir it made
 
 
 @pytest.mark.slow
@@ -765,3 +768,175 @@ def test_every_batch_the_devices_do_not_divide_is_named_at_once():
   config.training.grad_accum_steps = 8  # each device's share must split into 8
   assert config_validation.devices_that_fit(config, 16) == 16
   assert config_validation.devices_that_fit(config, 32) == 16
+
+
+def test_the_default_cpu_device_count_divides_the_batches(monkeypatch, caplog):
+  from ddpm_jax import host  # pylint: disable=g-import-not-at-top
+
+  config = test_config.get_config()
+  config.training.batch_size, config.sampling.batch_size, config.eval.batch_size = 128, 256, 256
+  monkeypatch.setattr(os, "cpu_count", lambda: 6)
+  with caplog.at_level(logging.INFO):
+    assert host.default_cpu_devices(config) == 4
+  assert (
+      "Splitting the batches over 4 CPU devices, not one per core (6): training.batch_size=128, "
+      "sampling.batch_size=256 and eval.batch_size=256 must divide evenly (--cpu_devices to "
+      "choose)"
+  ) in caplog.text
+  monkeypatch.setattr(os, "cpu_count", lambda: 8)
+  assert host.default_cpu_devices(config) == 8
+  # What the error about the batch sizes adds on a CPU (this process has 8 devices).
+  config.sampling.batch_size = 12
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert host.device_hint(config) == (
+      "choose the CPU device count with --cpu_devices: 4 divides every batch size"
+  )
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert host.device_hint(config) == (
+      "the CPU device count comes from XLA_FLAGS' --xla_force_host_platform_device_count: 4 "
+      "would divide every batch size"
+  )
+
+
+def test_process_flags_that_do_nothing_or_cannot_fit_are_one_line():
+  from ddpm_jax import host  # pylint: disable=g-import-not-at-top
+
+  config = test_config.get_config()
+  with pytest.raises(errors.DistributedError) as e:
+    host.check_process_flags(config, None, 2, 0)
+  assert str(e.value) == (
+      "--num_processes=2 and --process_id=0 do nothing without --coordinator_address=HOST:PORT "
+      "(or --config.distributed.initialize=True on a TPU pod or under SLURM)"
+  )
+  with pytest.raises(errors.DistributedError) as e:
+    host.check_process_flags(config, "localhost:1234", 2, 2)
+  assert str(e.value) == (
+      "--process_id=2 is invalid: the 2 processes of --num_processes=2 are numbered 0..1"
+  )
+  host.check_process_flags(config, "localhost:1234", 2, 1)
+  host.check_process_flags(config, None, None, None)
+  # distributed.initialize outside a cluster: JAX's ValueError, as one line with what to do
+  # (in a fresh process: this one's backend is up, which JAX refuses first).
+  code = (
+      "from ddpm_jax import errors, host\n"
+      "try:\n"
+      "  host._initialize_distributed(None, None, None, 60)\n"
+      "except errors.DistributedError as e:\n"
+      "  print(e)\n"
+  )
+  r = subprocess.run(
+      [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert r.stdout.strip() == (
+      "could not join the processes (ValueError: coordinator_address should be defined.); "
+      "outside a TPU pod or SLURM, pass --coordinator_address=HOST:PORT --num_processes=N "
+      "--process_id=I"
+  ), r.stderr[-3000:]
+
+
+def test_a_failed_run_leaves_no_workdir_it_created(tmp_path):
+  from ddpm_jax import workdirs  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path / "a" / "b" / "run"
+  created = workdirs.prepare(str(workdir))
+  assert created == [str(tmp_path / "a"), str(tmp_path / "a" / "b"), str(workdir)]
+  (workdir / "log.INFO").write_text("the failed run's log")
+  (workdir / workdirs.LOCK_FILE).write_text("")
+  workdirs.remove_created(created)
+  assert os.listdir(tmp_path) == []  # the workdir and the parents it needed
+  # A workdir that existed, or that holds anything besides the log, stays.
+  assert workdirs.prepare(str(tmp_path)) == []
+  created = workdirs.prepare(str(workdir))
+  (workdir / "checkpoints").mkdir()
+  (workdir / "checkpoints" / "x").write_text("")
+  workdirs.remove_created(created)
+  assert os.path.isfile(workdir / "checkpoints" / "x")
+
+
+def test_orbax_read_only_notice_is_not_logged():
+  from ddpm_jax import host  # pylint: disable=g-import-not-at-top
+
+  make = lambda msg, level: logging.LogRecord("orbax", level, "/x/orbax/m.py", 1, msg, (), None)
+  keep = host._OwnInfoOnly()  # pylint: disable=protected-access
+  assert not keep.filter(make("Given directory is read only=%s", logging.WARNING))
+  assert keep.filter(make("%s is read only, save will be skipped", logging.WARNING))
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _wait_for(proc, log, text, timeout=300):
+  import time  # pylint: disable=g-import-not-at-top
+
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    with open(log) as f:
+      if text in f.read():
+        return
+    assert proc.poll() is None, open(log).read()[-3000:]
+    time.sleep(0.05)
+  proc.kill()
+  raise AssertionError(f"no {text!r} within {timeout} s")
+
+
+def _popen(log, *args):
+  with open(log, "w") as f:
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/test.py", *args],
+        cwd=ROOT,
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=f,
+    )
+
+
+@pytest.mark.slow
+def test_cli_a_missing_process_is_waited_for_with_a_message_then_a_time_out(tmp_path):
+  """No second process: the wait is announced, bounded, and ends in one line, status 1; a
+  Ctrl-C while waiting (inside JAX's connect) ends it at once: one line, status 130."""
+  port = _free_port()
+  flags_ = (f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=0")
+  rc, err = cli(*flags_, "--coordinator_timeout=3", workdir=str(tmp_path / "run"))
+  assert f"Waiting for 1 more process to join the coordinator at localhost:{port} " in err
+  assert_one_line_error(
+      rc,
+      err,
+      f"error: 1 more process did not join the coordinator at localhost:{port} within 3 s "
+      "(--coordinator_timeout); start every process with the same --coordinator_address and "
+      "--num_processes, each with its own --process_id",
+  )
+  assert not os.path.exists(tmp_path / "run")
+
+  log = str(tmp_path / "wait.log")
+  proc = _popen(log, f"--workdir={tmp_path / 'run'}", *flags_)
+  _wait_for(proc, log, "Waiting for 1 more process")
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=60) == 130
+  err = open(log).read()
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert lines == ["error: stopped by SIGINT (Ctrl-C); no file was left half-written"], err
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.mark.slow
+def test_cli_ctrl_c_while_sampling_is_one_line_and_status_130(tmp_path, host_state):
+  workdir = str(tmp_path / "run")
+  _save(workdir, host_state, 3)
+  log = str(tmp_path / "sample.log")
+  proc = _popen(
+      log, f"--workdir={workdir}", "--mode=sample", "--config.sampling.num_samples=100000"
+  )
+  _wait_for(proc, log, "Sampling 100000 images")
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=60) == 130
+  err = open(log).read()
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert lines == ["error: stopped by SIGINT (Ctrl-C); no file was left half-written"], err
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+  assert "Given directory is read only" not in err  # orbax's notice, in every sampling run
+  assert not glob.glob(os.path.join(workdir, "samples", "samples_*.npz"))
