@@ -1,8 +1,9 @@
 """Sampling sharded over the local devices: ``--mode=sample``, the training grids and FID's samples.
 
-``--mode=sample`` writes ``workdir/samples/samples_{tag}.npz`` (key 'images':
-uint8 [N, H, W, C]; key 'settings': JSON of how they were drawn) and
-``grid_{tag}.png`` from the EMA parameters of a checkpoint.
+``--mode=sample`` writes ``workdir/samples/samples_{tag}_n{N}_bs{B}.npz`` (key
+'images': uint8 [N, H, W, C]; key 'settings': JSON of how they were drawn; key
+'draw': JSON of the count, the batch and the devices) and ``grid_{tag}_n{N}_bs{B}.png``
+from the EMA parameters of a checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import files, images, workdirs
+from ddpm_jax import errors, files, images, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.diffusion import guidance, samplers
 from ddpm_jax.training import checkpoint
@@ -204,21 +205,50 @@ def class_rows(
   return np.concatenate(rows), m
 
 
+def check_not_replacing(path: str, draw: dict) -> None:
+  """Refuses to replace the samples file ``path`` with images drawn another way.
+
+  ``draw`` (count, batch, devices, processes) decides the images together with
+  the settings in the file's name; a file drawn the same way holds the same
+  images, so only that one may be written again. Raises WorkdirError otherwise.
+  """
+  if not os.path.exists(path):
+    return
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      old = json.loads(str(z["draw"])) if "draw" in z.files else None
+  except Exception:  # pylint: disable=broad-except
+    old = None
+  if old == draw:
+    return
+  how = lambda d: (
+      f"over {d['devices']} devices and {d['processes']} process(es)" if d else "another way"
+  )
+  raise errors.WorkdirError(
+      f"{path} exists, drawn {how(old)}; this run draws {how(draw)}, which gives other "
+      "images: move the file away, or draw with its device count (--cpu_devices)"
+  )
+
+
 def write_samples(
     directory: str,
     imgs: np.ndarray,
     tag: str,
     settings: Optional[dict] = None,
     labels: Optional[np.ndarray] = None,
+    draw: Optional[dict] = None,
 ) -> tuple[str, str]:
   """Writes samples_{tag}.npz and grid_{tag}.png; returns their paths.
 
-  The npz holds 'images' (uint8 [N, H, W, C]), 'settings' (JSON) and, for a
-  class-conditional model, 'labels' (int32 [N]); its grid then has one row per class.
+  The npz holds 'images' (uint8 [N, H, W, C]), 'settings' (JSON), 'draw' (JSON,
+  when given) and, for a class-conditional model, 'labels' (int32 [N]); its
+  grid then has one row per class.
   """
   npz = os.path.join(directory, f"samples_{tag}.npz")
   png = os.path.join(directory, f"grid_{tag}.png")
   extra = {} if settings is None else {"settings": np.asarray(json.dumps(settings, sort_keys=True))}
+  if draw is not None:
+    extra["draw"] = np.asarray(json.dumps(draw, sort_keys=True))
   if labels is not None:
     extra["labels"] = np.asarray(labels, np.int32)
   files.savez(npz, images=imgs, **extra)
@@ -233,15 +263,29 @@ def write_samples(
 def run_sample(config, workdir: str) -> str:
   """--mode=sample: EMA params of a checkpoint -> workdir/samples/samples_*.npz and grid_*.png.
 
-  Returns the path of the .npz file (keys 'images', 'settings', and 'labels'
-  for a class-conditional model: ``sampling.class_label`` or the classes in turn).
+  The name holds every setting the images depend on (``sample_tag``, the count
+  N and the batch B: ``samples_{tag}_n{N}_bs{B}.npz``); a file of that name
+  drawn over another number of devices is not replaced (``check_not_replacing``).
+  Returns the path of the .npz file (keys 'images', 'settings', 'draw', and
+  'labels' for a class-conditional model: ``sampling.class_label`` or the
+  classes in turn).
   """
   model, params, step = checkpoint.restore_ema(config, workdir)
-  workdirs.write_record(config, workdir, "sample")
-  diffusion = state_lib.build_sampling_diffusion(config)
   s = config.sampling
   d = jax.local_device_count()
   per_call = s.batch_size
+  tag = f"{sample_tag(config, step)}_n{s.num_samples}_bs{per_call}"
+  if jax.process_count() > 1:
+    tag += f"_process{jax.process_index()}"
+  draw = dict(
+      num_samples=int(s.num_samples),
+      batch_size=int(per_call),
+      devices=d,
+      processes=jax.process_count(),
+  )
+  check_not_replacing(os.path.join(workdir, SAMPLES_DIR, f"samples_{tag}.npz"), draw)
+  workdirs.write_record(config, workdir, "sample")
+  diffusion = state_lib.build_sampling_diffusion(config)
   logging.info(
       "Sampling %d images from the EMA parameters of step %d: %s sampler, %d steps, "
       "%d per call over %d devices",
@@ -273,11 +317,8 @@ def run_sample(config, workdir: str) -> str:
       elapsed,
       len(imgs) / elapsed,
   )
-  tag = sample_tag(config, step)
-  if jax.process_count() > 1:
-    tag += f"_process{jax.process_index()}"
   npz, png = write_samples(
-      os.path.join(workdir, SAMPLES_DIR), imgs, tag, sampler_settings(config), labels
+      os.path.join(workdir, SAMPLES_DIR), imgs, tag, sampler_settings(config), labels, draw
   )
   logging.info("Wrote %s and %s", npz, png)
   return npz

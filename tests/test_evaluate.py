@@ -285,7 +285,7 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   with caplog.at_level("INFO"):
     first = fid.run_eval_fid(config, workdir)
   assert re.search(r"FID samples: 64/64 images \(call 2/2\), [\d.]+ images/s, ETA", caplog.text)
-  path = os.path.join(workdir, "eval", f"fid_step{STEP}.json")
+  path = os.path.join(workdir, "eval", f"fid_{tag}_n64.json")
   with open(path) as f:
     written = json.load(f)
   for key in ("fid_train", "fid_test", "is_mean", "is_std", "num_samples", "extractor", "step"):
@@ -478,12 +478,14 @@ def test_progressive_generation_ends_at_the_sample():
 
 
 @pytest.mark.slow
-def test_run_figures_writes_pngs_of_the_expected_size(tmp_path, trained):
+def test_run_figures_writes_pngs_of_the_expected_size(tmp_path, trained, caplog):
   _, config, _ = trained
   workdir = fresh_workdir(tmp_path, trained)
   config.eval.figure_rows = 2
-  out = figures.run_figures(config, workdir)
+  with caplog.at_level("INFO"):
+    out = figures.run_figures(config, workdir)
   T = config.diffusion.num_timesteps
+  assert f"timesteps [{T - 1}, {T - 10}, " in caplog.text and "np.int" not in caplog.text
   assert out["progressive_timesteps"] == [T - 1] + list(range(T - 10, -1, -10))
   assert out["interp_t"] == T // 2 - 1
   up = 32 // 8  # save_grid enlarges 8x8 tiles 4x, then separates them by 1-pixel lines
@@ -499,3 +501,105 @@ def test_run_figures_writes_pngs_of_the_expected_size(tmp_path, trained):
   np.testing.assert_array_equal(tile(0, 0), real[0])
   np.testing.assert_array_equal(tile(0, 12), real[1])
   np.testing.assert_array_equal(tile(1, 0), real[2])
+
+
+# ----------------------------------------------------------------------------
+# Results never replaced by others; statistics by content; the eval split of a folder
+# ----------------------------------------------------------------------------
+
+
+def test_fid_results_of_other_draws_get_other_files(tmp_path):
+  config = test_config.get_config()
+  ancestral = fid.result_path(config, "w", 20)
+  assert ancestral == os.path.join("w", "eval", "fid_step20_ancestral100_seed1_n64.json")
+  config.sampling.sampler, config.sampling.num_steps = "ddim", 10
+  assert fid.result_path(config, "w", 20) == os.path.join(
+      "w", "eval", "fid_step20_ddim10_eta0_seed1_n64.json"
+  )
+  config.eval.num_fid_samples = 1024
+  assert fid.result_path(config, "w", 20).endswith("_n1024.json")
+
+
+def test_samples_drawn_over_other_devices_are_not_replaced(tmp_path):
+  draw = dict(num_samples=8, batch_size=8, devices=2, processes=1)
+  images = np.zeros((8, 8, 8, 1), np.uint8)
+  npz, _ = sample.write_samples(str(tmp_path), images, "step1_ancestral100_seed1_n8_bs8", draw=draw)
+  sample.check_not_replacing(npz, draw)  # drawn the same way: the same images, may be redrawn
+  sample.check_not_replacing(str(tmp_path / "other.npz"), draw)  # no file yet
+  with pytest.raises(errors.WorkdirError) as e:
+    sample.check_not_replacing(npz, dict(draw, devices=4))
+  assert str(e.value) == (
+      f"{npz} exists, drawn over 2 devices and 1 process(es); this run draws over 4 devices "
+      "and 1 process(es), which gives other images: move the file away, or draw with its "
+      "device count (--cpu_devices)"
+  )
+  # eval_fid reuses --mode=sample's files, whose names now end in the count and the batch.
+  settings = sample.sampler_settings(test_config.get_config())
+  sample.write_samples(
+      str(tmp_path / "samples"), images, "step1_ancestral100_seed1_n8_bs8", settings
+  )
+  assert fid.find_existing_samples(
+      str(tmp_path), "step1_ancestral100_seed1", 8, settings
+  ) == os.path.join(str(tmp_path), "samples", "samples_step1_ancestral100_seed1_n8_bs8.npz")
+
+
+def _image_folder(root, names, value=0):
+  os.makedirs(root, exist_ok=True)
+  for name in names:
+    path = os.path.join(root, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((8, 8), value, np.uint8), mode="L").save(path)
+
+
+def test_folder_statistics_are_keyed_by_the_folder_content(tmp_path, caplog):
+  folder = str(tmp_path / "images")
+  _image_folder(folder, ["a.png", "b.png"])
+  config = small_config()
+  config.data.dataset, config.data.folder = "folder", folder
+  stats_dir = str(tmp_path / "stats")
+  calls = []
+
+  class Extractor:
+    name = "fake"
+
+    def __call__(self, images):
+      calls.append(images.shape[0])
+      return (
+          images.reshape(images.shape[0], -1)[:, :3].astype(np.float64)
+          + np.arange(images.shape[0])[:, None],
+          None,
+      )
+
+  first = fid.reference_statistics_path(config, "train", stats_dir)
+  mu, _, path, computed = fid.get_reference_statistics(config, "train", stats_dir, Extractor())
+  assert path == first and computed and calls == [2]
+  assert fid.get_reference_statistics(config, "train", stats_dir, Extractor())[3] is False
+  _image_folder(folder, ["c.png"])  # an image added: other statistics, computed afresh
+  mu2, _, path2, computed = fid.get_reference_statistics(config, "train", stats_dir, Extractor())
+  assert path2 != first and computed and calls == [2, 3]
+  _image_folder(folder, ["c.png"], value=200)  # one rewritten (new size or time)
+  os.utime(os.path.join(folder, "c.png"), ns=(1, 1))
+  assert fid.reference_statistics_path(config, "train", stats_dir) != path2
+  config.data.channels = 3  # the same files decoded another way
+  assert fid.reference_statistics_path(config, "train", stats_dir) not in (first, path2)
+
+
+def test_a_folder_without_the_eval_split_is_not_evaluated_on_its_training_images(tmp_path):
+  folder = str(tmp_path / "images")
+  _image_folder(folder, ["a.png", "b.png"])
+  config = small_config()
+  config.data.dataset, config.data.folder = "folder", folder
+  expected = (
+      f"data.folder={folder!r} has no 'test' sub-directory (data.eval_split), so it would be "
+      f"evaluated on its training images; put held-out images in {folder}/test, or evaluate "
+      "on the training images by name with --config.data.eval_split=train"
+  )
+  for run in (bpd.run_eval_bpd, fid.run_eval_fid):  # before any checkpoint is read
+    with pytest.raises(errors.DataError) as e:
+      run(config, str(tmp_path / "no_workdir"))
+    assert str(e.value) == expected
+  config.data.eval_split = "train"  # asked for by name
+  sources.check_eval_split(config.data)
+  config.data.eval_split = "test"
+  _image_folder(folder, ["test/c.png"])
+  sources.check_eval_split(config.data)

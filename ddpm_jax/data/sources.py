@@ -207,6 +207,26 @@ def folder_for_split(folder: str, split: str) -> str:
   return sub if split and os.path.isdir(sub) else folder
 
 
+def check_eval_split(data_config: Any) -> None:
+  """Refuses to evaluate an image folder on its training images under the eval split's name.
+
+  A folder without a ``data.eval_split`` sub-directory serves that split with
+  the images it trains on; evaluation then needs the explicit
+  ``data.eval_split = data.train_split``. Raises DataError naming both fixes.
+  """
+  if data_config.dataset != "folder":
+    return
+  folder, split = data_config.folder, data_config.eval_split
+  if split == data_config.train_split or os.path.isdir(os.path.join(folder, split)):
+    return
+  raise errors.DataError(
+      f"data.folder={folder!r} has no {split!r} sub-directory (data.eval_split), so it would "
+      f"be evaluated on its training images; put held-out images in "
+      f"{os.path.join(folder, split)}, or evaluate on the training images by name with "
+      f"--config.data.eval_split={data_config.train_split}"
+  )
+
+
 # --------------------------------------------------------------------------
 # TFDS.
 # --------------------------------------------------------------------------

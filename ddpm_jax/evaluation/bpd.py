@@ -209,6 +209,7 @@ def run_eval_bpd(config, workdir: str) -> dict:
   example_prior_bpd, example_decoder_bpd, example_kl_bpd.
   """
   start_time = time.time()
+  sources.check_eval_split(config.data)
   model, params, step = checkpoint.restore_ema(config, workdir)
   diffusion = state_lib.build_diffusion(config)
   T = diffusion.num_timesteps

@@ -6,10 +6,11 @@
 Evaluates the EMA parameters of the newest checkpoint (or of
 ``sampling.checkpoint_step``) and writes into ``workdir/eval``:
 
-  fid_step{S}.json        FID against the train and the eval split, IS.
+  fid_{tag}_n{N}.json     FID against the train and the eval split, IS, of N samples
+                          drawn as ``tag`` says (``sample.sample_tag``).
   stats_*.npz             cached reference statistics (or in ``eval.stats_dir``).
 
-The samples come from ``workdir/samples/samples_{tag}[_fid{N}].npz`` when such
+The samples come from ``workdir/samples/samples_{tag}[_n{N}_bs{B}|_fid{N}].npz`` when such
 a file holds enough images drawn with the config's sampler settings (e.g. from
 --mode=sample); otherwise they are drawn in resumable chunks
 (``workdir/eval/fid_chunks_*``) and written to
@@ -70,14 +71,32 @@ def default_stats_dir(config, workdir: Optional[str]) -> str:
   return eval_dir(workdir)
 
 
+def folder_digest(config, split: str) -> str:
+  """A hash of what an image folder's split holds: its path, channels, files, sizes, mtimes.
+
+  Files added, removed, replaced or edited give another hash, so statistics of
+  the folder as it was are never taken for those of the folder as it is.
+  """
+  folder = os.path.abspath(config.data.folder)
+  split_dir = sources.folder_for_split(folder, split)
+  h = hashlib.sha1(f"{folder}\0{split_dir}\0{config.data.channels}\n".encode())
+  for path in sources.list_image_files(split_dir):
+    st = os.stat(path)
+    h.update(f"{os.path.relpath(path, split_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:12]
+
+
 def reference_statistics_path(config, split: str, stats_dir: str) -> str:
-  """stats_{dataset}{image_size}_{split}_{extractor}.npz in ``stats_dir``."""
+  """stats_{dataset}{image_size}_{split}_{extractor}.npz in ``stats_dir``.
+
+  For an image folder the dataset part holds the folder's name and
+  ``folder_digest`` of the split's files.
+  """
   dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", config.data.dataset)
   if config.data.dataset == "folder":
     folder = os.path.abspath(config.data.folder)
-    digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
     dataset += "_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(folder.rstrip("/")))
-    dataset += "_" + digest  # two folders with the same name get different files
+    dataset += "_" + folder_digest(config, split)  # by content, not only by path
   return os.path.join(
       stats_dir, f"stats_{dataset}{config.data.image_size}_{split}_" f"{extractor_name(config)}.npz"
   )
@@ -187,7 +206,7 @@ def find_existing_samples(
   best, best_n = None, -1
   for path in glob.glob(os.path.join(workdir, "samples", f"samples_{tag}*.npz")):
     rest = os.path.basename(path)[len(f"samples_{tag}") : -len(".npz")]
-    if rest and not re.fullmatch(r"_fid\d+", rest):
+    if rest and not re.fullmatch(r"_fid\d+|_n\d+_bs\d+", rest):
       continue  # another tag that merely starts like this one (e.g. step1 vs step10)
     try:
       with np.load(path, allow_pickle=False) as z:
@@ -320,10 +339,17 @@ def fid_from_images(
   return metrics.frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
+def result_path(config, workdir: str, step: int) -> str:
+  """workdir/eval/fid_{tag}_n{N}.json: the checkpoint, every setting of the draw, the count."""
+  tag = sample.sample_tag(config, step)
+  return os.path.join(eval_dir(workdir), f"fid_{tag}_n{int(config.eval.num_fid_samples)}.json")
+
+
 def run_eval_fid(config, workdir: str) -> dict:
   """--mode=eval_fid: FID (vs the train and the eval split) and IS of ``eval.num_fid_samples``.
 
-  Writes and returns (workdir/eval/fid_step{S}.json) a dict with:
+  Writes and returns (workdir/eval/fid_{tag}_n{N}.json: ``sample.sample_tag``,
+  so draws with other settings or counts get their own file) a dict with:
     step, num_samples, extractor, fid_train, fid_test (against data.eval_split),
     is_mean, is_std, is_splits, train_split, eval_split, sampler,
     sampling_steps, samples_file, samples_reused, reference_stats
@@ -334,6 +360,7 @@ def run_eval_fid(config, workdir: str) -> dict:
   """
   start = time.time()
   num = int(config.eval.num_fid_samples)
+  sources.check_eval_split(config.data)  # before any sampling
   # The extractor first: a missing Inception file fails before any sampling.
   extractor = get_feature_extractor(config)
   model, params, step = checkpoint.restore_ema(config, workdir)
@@ -391,7 +418,7 @@ def run_eval_fid(config, workdir: str) -> dict:
     if extractor.name == features.DigitsExtractor.name and config.model.num_classes == 10:
       # How often the digits classifier sees the class that was asked for.
       result["class_accuracy"] = float(np.mean(np.argmax(probs, axis=1) == labels))
-  path = os.path.join(eval_dir(workdir), f"fid_step{step}.json")
+  path = result_path(config, workdir, step)
   if jax.process_index() == 0:
     files.write_json(path, result)
   logging.info(
@@ -420,6 +447,8 @@ def run_stats_only(
 ) -> dict:
   """Precomputes (or recomputes with ``force``) the reference statistics; returns {split: path}."""
   stats_dir = stats_dir or default_stats_dir(config, workdir)
+  if not splits:
+    sources.check_eval_split(config.data)
   extractor = get_feature_extractor(config)
   out = {}
   for split in dict.fromkeys(splits or [config.data.train_split, config.data.eval_split]):

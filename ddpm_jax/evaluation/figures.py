@@ -178,7 +178,8 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
   preds, ts, _ = jax.device_get(progressive(params, jax.random.fold_in(key, 0)))
   prog_path = os.path.join(out_dir, f"progressive_step{step}.png")
   save_tile_grid(prog_path, image_lib.to_uint8(preds))
-  logging.info("Wrote %s (%d samples x %d timesteps %s)", prog_path, rows, len(ts), list(ts))
+  ts = [int(t) for t in ts]  # plain ints in the log, not np.int32(99)
+  logging.info("Wrote %s (%d samples x %d timesteps %s)", prog_path, rows, len(ts), ts)
 
   split = sources.load_split(config.data, config.data.eval_split, max_examples=2 * rows)
   images = split.images[: 2 * rows]
@@ -219,7 +220,7 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
   return dict(
       step=step,
       progressive=prog_path,
-      progressive_timesteps=[int(t) for t in ts],
+      progressive_timesteps=ts,
       interpolation=interp_path,
       interp_t=interp_t,
       lambdas=[float(v) for v in lambdas],
