@@ -191,21 +191,25 @@ def reference(tmp_path_factory):
 # ----------------------------------------------------------------------------
 
 
-def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(tmp_path, reference):
+def test_sigterm_checkpoints_exits_143_and_resumes_bitwise(tmp_path, reference):
+  """A preempted run is not a success (`train && sample` stops; job controllers restart it):
+  it writes its checkpoint, then exits with the status a shell gives SIGTERM, 143."""
   ref_dir, ref_final = reference
   workdir = str(tmp_path / "run")
   args = ("--config.training.checkpoint_every_steps=4", "--config.training.log_every_steps=1")
   proc, log = _start(workdir, *args)
   _wait_for_line(proc, log, rf"step 1/{STEPS} ")
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=300) == 0, _read(log)[-3000:]
+  assert proc.wait(timeout=300) == 143, _read(log)[-3000:]
   out = _read(log)
+  assert "SIGTERM received: stopping after this step, once its checkpoint is written" in out
   m = re.search(r"Signal 15 received: checkpointing step (\d+) and stopping", out)
   assert m, out[-3000:]
   stopped = int(m.group(1))
   assert 1 <= stopped < STEPS, "the signal came too late to interrupt the run"
   assert f"Checkpoint at step {stopped} written" in out
-  assert "Traceback" not in out
+  assert f"Stopped at step {stopped} of {STEPS}, checkpoint written; exit status 143" in out
+  assert "Traceback" not in out and "error:" not in out
   # The checkpoint of the step it stopped at is complete and is the reference's state there.
   assert max(complete_steps(workdir)) == stopped
   assert_states_equal(load(workdir), load(ref_dir, stopped))
@@ -503,9 +507,9 @@ def _start_pair(workdir, *args):
   return out
 
 
-def _wait_pair(pair, timeout=600):
+def _wait_pair(pair, timeout=600, status=0):
   for proc, log in pair:
-    assert proc.wait(timeout=timeout) == 0, _read(log)[-3000:]
+    assert proc.wait(timeout=timeout) == status, _read(log)[-3000:]
   return [_read(log) for _, log in pair]
 
 
@@ -518,7 +522,7 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
   2. with the newest checkpoint (step 4) corrupted, both processes set it aside and resume
      from step 2;
   3. SIGTERM to process 1 alone: both stop after the same step, write its checkpoint
-     together and exit 0.
+     together and exit 143 (a preempted run, not a success).
   """
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
   args = ("--config.training.num_train_steps=4", "--config.training.checkpoint_every_steps=2")
@@ -550,7 +554,7 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
   )
   _wait_for_line(*pair[0], r"step 3/200 ")
   pair[1][0].send_signal(signal.SIGTERM)
-  outs = _wait_pair(pair)
+  outs = _wait_pair(pair, status=143)
   for out in outs:
     assert "Resumed from the checkpoint at step 2 " in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
@@ -571,3 +575,34 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
   assert complete_steps(multi)[-1] == last
   final = load(multi)
   assert int(final.step) == last and all_finite(final.params)
+
+
+def test_ctrl_c_during_compilation_is_acknowledged_and_a_second_stops_at_once(tmp_path):
+  """100 steps per call: a new program, compiled for seconds, during which Python's own
+  handlers would not run. The first Ctrl-C is acknowledged at once, the second ends the run
+  at once (status 130), before any checkpoint."""
+  workdir = str(tmp_path / "run")
+  proc, log = _start(
+      workdir,
+      "--config.training.num_train_steps=200",
+      "--config.training.steps_per_call=100",
+      "--config.training.multi_step_loop=scan",
+      "--config.training.log_every_steps=100",
+      "--config.training.checkpoint_every_steps=100",
+  )
+  _wait_for_line(proc, log, r"Training steps 1 to 200 \(the first call compiles\)")
+  proc.send_signal(signal.SIGINT)
+  start = time.time()
+  _wait_for_line(proc, log, r"SIGINT \(Ctrl-C\) received: stopping after this step", timeout=10)
+  assert time.time() - start < 10
+  assert "step 100/200" not in _read(log)  # still compiling or in the first call
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=30) == 130, _read(log)[-3000:]
+  out = _read(log)
+  assert "step 100/200" not in out, out[-3000:]
+  lines = [line for line in out.splitlines() if line.startswith("error:")]
+  assert lines == [
+      "error: stopped at once by a second SIGINT (Ctrl-C); no checkpoint had been written yet"
+  ], out[-3000:]
+  assert "Traceback" not in out and "KeyboardInterrupt" not in out
+  assert not os.path.isdir(os.path.join(workdir, "checkpoints")) or complete_steps(workdir) == []

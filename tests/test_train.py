@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
 import pytest
 
 from configs import test as test_config
@@ -276,7 +277,10 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   npz = glob.glob(os.path.join(full, "samples", "samples_step4_*.npz"))
   png = glob.glob(os.path.join(full, "samples", "grid_step4_*.png"))
   assert len(npz) == 1 and len(png) == 1
+  # The count and the batch, which change the images, are in the name.
+  assert os.path.basename(npz[0]) == "samples_step4_ancestral100_seed1_n6_bs4.npz"
   assert re.search(r"sampled 4/6 images \([\d.]+ images/s, ETA \d+ s\)", r.stderr), r.stderr
+  assert "Given directory is read only" not in r.stderr  # orbax's notice is not shown
   images = np.load(npz[0])["images"]
   assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
   assert images.std() > 0
@@ -312,9 +316,16 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
       "--config.model.cpu_kernels=True",
   )
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
-  for workdir, steps in ((full, 4), (part, 2), (part, 4)):
-    r = _main(f"--workdir={workdir}", f"--config.training.num_train_steps={steps}", *args, env=env)
+  # The full run also draws a grid at step 4: 20 samples, the 10 classes in turn.
+  grid = ("--config.training.sample_every_steps=4", "--config.training.num_grid_samples=20")
+  for workdir, steps, extra in ((full, 4, grid), (part, 2, ()), (part, 4, ())):
+    r = _main(
+        f"--workdir={workdir}", f"--config.training.num_train_steps={steps}", *args, *extra, env=env
+    )
     assert r.returncode == 0, r.stderr[-3000:]
+  # One row per class, as in --mode=sample's grids: 10 rows of 2 tiles (8x8 enlarged to 32).
+  with Image.open(os.path.join(full, "samples", "grid_step_4.png")) as im:
+    assert im.size == (2 * 33 + 1, 10 * 33 + 1)
   config = test_config.get_config()
   config.model.num_classes, config.training.t_sampler = 10, "loss_aware"
   config.model.cpu_kernels = True
@@ -383,3 +394,40 @@ def test_training_reduces_the_loss_in_float32_and_bfloat16(dtype):
   assert abs(before - 1.0) < 0.1
   assert after < 0.8 * before, (before, after)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(states[-1].params))
+
+
+def test_a_first_signal_is_acknowledged_at_once_and_a_second_stops_at_once(capsys, caplog):
+  """The watcher thread acts while the main thread is busy elsewhere (here: sleeping in C)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import host  # pylint: disable=g-import-not-at-top
+
+  exits = []
+  watcher = host.SignalWatcher(exit_now=exits.append).install()
+  stop = loop._StopFlag().install()  # pylint: disable=protected-access
+  stop.last_checkpoint = 6
+  try:
+    with caplog.at_level("INFO"):
+      os.kill(os.getpid(), signal.SIGINT)
+      deadline = time.time() + 10
+      while stop.signum is None and time.time() < deadline:
+        time.sleep(0.01)
+      assert stop.signum == signal.SIGINT and not exits
+      assert (
+          "SIGINT (Ctrl-C) received: stopping after this step, once its checkpoint is written "
+          "(another signal stops at once)"
+      ) in caplog.text
+      os.kill(os.getpid(), signal.SIGINT)
+      while not exits and time.time() < deadline:
+        time.sleep(0.01)
+    assert exits == [130]
+    assert capsys.readouterr().err.strip() == (
+        "error: stopped at once by a second SIGINT (Ctrl-C); the newest complete checkpoint, "
+        "step 6, stays"
+    )
+  finally:
+    stop.restore()
+    watcher.uninstall()
+  assert host.SignalWatcher.active() is None
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's Ctrl-C is back
+  assert [host.exit_status(s) for s in (signal.SIGINT, signal.SIGTERM)] == [130, 143]

@@ -3,7 +3,9 @@
 Writes to the workdir: ``checkpoints/`` (orbax), ``events.*`` (TensorBoard: loss,
 mse, vb, grad_norm, lr, steps/s, images/s, sample grids) and
 ``samples/grid_step_*.png`` (EMA samples every ``training.sample_every_steps``).
-SIGTERM/SIGINT finish the current call, write a checkpoint and return.
+SIGTERM/SIGINT are acknowledged at once; the current call finishes, its
+checkpoint is written and ``errors.Stopped`` carries the exit status a shell
+expects (143, 130); a second signal stops at once.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import errors, files, images, sample, workdirs
+from ddpm_jax import errors, files, host, images, sample, workdirs
 from ddpm_jax.data import pipeline
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
@@ -26,23 +28,48 @@ from ddpm_jax.training.state import TrainState
 
 
 class _StopFlag:
-  """Set by SIGTERM/SIGINT: finish the current call, checkpoint, exit cleanly."""
+  """Set by SIGTERM/SIGINT: say so at once, finish the current call, checkpoint, stop.
+
+  The signals reach a thread (``host.SignalWatcher``), so the first one is
+  acknowledged even while the main thread compiles or waits on the devices; a
+  second one ends the process at once with 128 + signum. The newest complete
+  checkpoint stays either way (orbax renames a checkpoint only once it is whole).
+  """
 
   def __init__(self):
     self.signum = None
-    self._previous = {}
+    self.last_checkpoint = None  # step of the newest complete checkpoint, for the messages
+    self._watcher = None
+    self._own_watcher = False
 
   def install(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    self._watcher = host.SignalWatcher.active()
+    if self._watcher is None:  # not started by main.py (e.g. a test calling the loop)
+      self._watcher, self._own_watcher = host.SignalWatcher().install(), True
+    self._watcher.push(self._handle)
     return self
 
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.signum = signum
+  def _handle(self, signum):  # on the watcher's thread
+    name = host.SIGNAL_NAMES.get(signum, f"signal {signum}")
+    if self.signum is None:
+      self.signum = signum
+      logging.info(
+          "%s received: stopping after this step, once its checkpoint is written (another "
+          "signal stops at once)",
+          name,
+      )
+      return
+    kept = (
+        f"the newest complete checkpoint, step {self.last_checkpoint}, stays"
+        if self.last_checkpoint is not None
+        else "no checkpoint had been written yet"
+    )
+    self._watcher.exit(signum, f"error: stopped at once by a second {name}; {kept}")
 
   def restore(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+    self._watcher.pop(self._handle)
+    if self._own_watcher:
+      self._watcher.uninstall()
 
   def should_stop(self) -> bool:
     """Whether any process received a signal (all processes agree, so they stop together)."""
@@ -138,8 +165,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
 
   stop = _StopFlag().install()
+  logging.info(
+      "Training steps %d to %d (the first call compiles); SIGTERM or Ctrl-C stops after the "
+      "current step, with a checkpoint",
+      start_step + 1,
+      tcfg.num_train_steps,
+  )
   step = start_step
-  last_good = manager.latest_step()
+  last_good = stop.last_checkpoint = manager.latest_step()
   bad_in_a_row = 0
   unread = []  # device metrics not yet read back: reading syncs, so it waits for log points
   t_log, step_log = time.time(), step
@@ -221,9 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         t_log, step_log = time.time(), step
       if crossed(tcfg.checkpoint_every_steps) and step < tcfg.num_train_steps:
         save()
-        last_good = step
+        last_good = stop.last_checkpoint = step
       if sample_fn is not None and crossed(tcfg.sample_every_steps):
-        imgs, _ = sample.generate(
+        imgs, labels = sample.generate(
             sample_fn,
             p_state.ema_params,
             tcfg.num_grid_samples,
@@ -234,7 +267,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
         if is_chief:
           path = os.path.join(workdir, "samples", f"grid_step_{step}.png")
-          ncol = config.model.num_classes or None  # conditional: one column per class
+          ncol = None
+          if labels is not None:  # one row per class, as --mode=sample's grids
+            imgs, ncol = sample.class_rows(imgs, labels)
           images.save_grid(path, imgs, ncol)
           writer.image("samples/ema", images.display_grid(imgs, ncol)[None], step)
         t_log = time.time()  # sampling time is not training time
@@ -247,6 +282,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           )
         break
     save()
+    if step < tcfg.num_train_steps:  # stopped by a signal
+      # A stopped run is not a success: `train && sample` must not go on, and job
+      # controllers restart a preempted run only when it does not report one.
+      status = host.exit_status(stop.signum or signal.SIGTERM)
+      logging.info(
+          "Stopped at step %d of %d, checkpoint written; exit status %d (run the same "
+          "command to resume)",
+          step,
+          tcfg.num_train_steps,
+          status,
+      )
+      raise errors.Stopped(f"stopped at step {step}", status)
     return state_lib.unreplicate(p_state)
   finally:
     stop.restore()
