@@ -87,6 +87,26 @@ def test_bad_labels_are_one_line_at_start_up(tmp_path):
       "data.dataset='folder' has label 2 ('c'), but model.num_classes=2 "
       "allows 0..1; its classes are ['a', 'b', 'c']"
   )
+  # A class without a readable image (an empty sub-directory, or one of corrupt files) would
+  # be trained and sampled from its embedding alone: refused, naming it.
+  _folder(tmp_path / "three", ["a", "b", "c"])
+  os.makedirs(tmp_path / "three" / "d")
+  with pytest.raises(errors.DataError) as e:
+    pipeline.load_train_data(_folder_config(tmp_path / "three"), num_classes=4)
+  assert str(e.value) == (
+      "model.num_classes=4, but class 3 has no readable training image in "
+      "data.dataset='folder' (its classes: ['a', 'b', 'c']; sub-directories without a readable "
+      "image: ['d']); give every class images, or train on fewer classes (model.num_classes)"
+  )
+  (tmp_path / "three" / "d" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+  with pytest.raises(errors.DataError) as e:
+    pipeline.load_train_data(_folder_config(tmp_path / "three"), num_classes=4)
+  assert str(e.value) == (
+      "model.num_classes=4, but class 3 ('d') has no readable training image in "
+      "data.dataset='folder' (its classes: ['a', 'b', 'c', 'd']; sub-directories without a "
+      "readable image: ['d']); give every class images, or train on fewer classes "
+      "(model.num_classes)"
+  )
   _folder(tmp_path / "loose", [], loose=3)
   with pytest.raises(errors.DataError) as e:
     pipeline.load_train_data(_folder_config(tmp_path / "loose"), num_classes=2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
+import os
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -62,6 +63,38 @@ def require_labels(data_config: Any, split: sources.Split, num_classes: int) -> 
         + (f"; its classes are {list(names)}" if names else "")
     )
   return split.labels
+
+
+def require_every_class(data_config: Any, split: sources.Split, num_classes: int) -> None:
+  """Refuses a training split in which some class 0..num_classes-1 has no image (DataError).
+
+  Such a class would be trained and sampled from its embedding alone, without
+  a word; for an image folder the message names the sub-directories without a
+  readable image (empty, or whose files could not be decoded).
+  """
+  present = set(np.unique(split.labels).tolist())
+  missing = [c for c in range(num_classes) if c not in present]
+  if not missing:
+    return
+  names = split.class_names or ()
+  described = ", ".join(f"{c} ({names[c]!r})" if c < len(names) else str(c) for c in missing)
+  which = f"class {described} has" if len(missing) == 1 else f"classes {described} have"
+  known = [f"its classes: {list(names)}"] if names else []
+  if data_config.dataset == "folder":
+    folder = sources.folder_for_split(data_config.folder, data_config.train_split)
+    with_images = {names[c] for c in present if c < len(names)}
+    without = sorted(
+        d
+        for d in os.listdir(folder)
+        if os.path.isdir(os.path.join(folder, d)) and d not in with_images
+    )
+    known.append(f"sub-directories without a readable image: {without}")
+  raise errors.DataError(
+      f"model.num_classes={num_classes}, but {which} no readable training image in "
+      f"data.dataset={data_config.dataset!r}"
+      + (f" ({'; '.join(known)})" if known else "")
+      + "; give every class images, or train on fewer classes (model.num_classes)"
+  )
 
 
 def _tfds_builder(data_config, with_labels: bool):
@@ -151,6 +184,7 @@ def load_train_data(data_config: Any, num_classes: int = 0) -> Optional[sources.
   split = sources.load_split(data_config, data_config.train_split)
   if num_classes:
     require_labels(data_config, split, num_classes)
+    require_every_class(data_config, split, num_classes)
   return split
 
 
