@@ -510,3 +510,46 @@ def test_released_configs_accept_the_released_architecture(name):
       functools.partial(state_lib.init_params, model, config), jax.random.PRNGKey(0)
   )
   assert count_params(target) == (35_746_307 if name == "ddpm_cifar10" else 113_673_219)
+
+
+# ----------------------------------------------------------------------------
+# Damaged files and 1-channel models
+# ----------------------------------------------------------------------------
+
+
+def test_damaged_weights_and_config_files_are_one_line(small_folder, tmp_path, capsys):
+  src, _ = small_folder
+  with open(os.path.join(src, convert.WEIGHTS_NAME), "rb") as f:
+    weights = f.read()
+  cases = {"garbage": b"this is not a safetensors file at all", "truncated": weights[:-1000]}
+  for name, data in cases.items():
+    folder = tmp_path / name
+    _rewrite(src, folder, lambda t: None)
+    (folder / convert.WEIGHTS_NAME).write_bytes(data)
+    assert convert.main([f"--src={folder}", f"--workdir={tmp_path / (name + '_wd')}"]) == 1
+    err = capsys.readouterr().err.strip()
+    path = folder / convert.WEIGHTS_NAME
+    assert err.startswith(f"error: {path} cannot be read as safetensors (SafetensorError: "), err
+    assert err.endswith("); it is damaged or incomplete: download it again"), err
+    assert "\n" not in err and "Traceback" not in err
+  folder = tmp_path / "bad_json"
+  _rewrite(src, folder, lambda t: None)
+  (folder / "config.json").write_text('{"block_out_channels": [32, 64],')
+  assert convert.main([f"--src={folder}", f"--workdir={tmp_path / 'bad_json_wd'}"]) == 1
+  assert capsys.readouterr().err.strip() == (
+      f"error: {folder}/config.json cannot be read as JSON (JSONDecodeError: Expecting property "
+      "name enclosed in double quotes: line 1 column 33 (char 32))"
+  )
+
+
+def test_a_one_channel_model_converts_without_a_config_name(tmp_path, capsys):
+  tmodel = _torch_unet(dict(SMALL, in_channels=1, out_channels=1), seed=7)
+  src = _save(tmodel, str(tmp_path / "gray"))
+  config, params, notes = convert.convert(src, str(tmp_path / "wd"), None)
+  assert config.data.channels == 1 and config.data.dataset == "digits"
+  assert any("a 1-channel model: data.dataset='digits' stands in" in n for n in notes)
+  assert params["conv_in"]["kernel"].shape[2] == 1
+  written = _load_config_py(str(tmp_path / "wd" / "config.py"))
+  from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
+
+  config_validation.validate(written)  # the written config samples as it is

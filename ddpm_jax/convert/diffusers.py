@@ -180,8 +180,23 @@ class WeightMappingError(errors.WeightsError):
 
 
 def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON object in ``path``; a file that is not one is a WeightsError naming it."""
+  try:
+    with open(path) as f:
+      out = json.load(f)
+  except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    raise errors.WeightsError(f"{path} cannot be read as JSON ({type(e).__name__}: {e})") from None
+  if not isinstance(out, dict):
+    raise errors.WeightsError(f"{path} holds a JSON {type(out).__name__}, not an object")
+  return out
+
+
+def _unreadable(path: str, what: str, e: Exception) -> errors.WeightsError:
+  first = (str(e).splitlines() or [""])[0]
+  return errors.WeightsError(
+      f"{path} cannot be read as {what} ({type(e).__name__}: {first}); it is damaged or "
+      "incomplete: download it again"
+  )
 
 
 def find_model_dir(src: str) -> str:
@@ -238,10 +253,17 @@ def load_tensors(model_dir: str) -> dict[str, np.ndarray]:
     if os.path.isfile(path):
       files = [path]
     else:  # sharded
-      files = sorted({os.path.join(model_dir, f) for f in _read_json(index)["weight_map"].values()})
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise errors.WeightsError(f"{index} has no 'weight_map' object")
+      files = sorted({os.path.join(model_dir, f) for f in weight_map.values()})
     tensors = {}
     for f in files:
-      tensors.update(load_file(f))
+      try:
+        tensors.update(load_file(f))
+      except Exception as e:  # pylint: disable=broad-except
+        # safetensors raises SafetensorError (a bad header or size) or OSError.
+        raise _unreadable(f, "safetensors", e) from None
   elif os.path.isfile(os.path.join(model_dir, WEIGHTS_BIN_NAME)):
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -250,9 +272,12 @@ def load_tensors(model_dir: str) -> dict[str, np.ndarray]:
           f"{model_dir} has only {WEIGHTS_BIN_NAME} (a torch pickle) and torch is not installed; "
           f"download {WEIGHTS_NAME} instead, or install torch"
       ) from None
-    state = torch.load(
-        os.path.join(model_dir, WEIGHTS_BIN_NAME), map_location="cpu", weights_only=True
-    )
+    try:
+      state = torch.load(
+          os.path.join(model_dir, WEIGHTS_BIN_NAME), map_location="cpu", weights_only=True
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      raise _unreadable(os.path.join(model_dir, WEIGHTS_BIN_NAME), "a torch file", e) from None
     tensors = {k: v.float().numpy() for k, v in state.items()}
   else:
     raise errors.WeightsNotFoundError(
@@ -615,9 +640,14 @@ def build_config(
     config.model.num_classes = 0
     config.data.image_size = fields["image_size"]
     config.data.channels = fields["channels"]
-    if fields["channels"] == 1:
-      config.data.dataset = "folder"  # no built-in grayscale data set besides digits
     notes.append("note: no --config_name: configs/default.py with the model fields of config.json")
+    if fields["channels"] == 1:
+      # The only built-in grayscale data set; sampling reads no data.
+      config.data.dataset = "digits"
+      notes.append(
+          "note: a 1-channel model: data.dataset='digits' stands in for its data; to evaluate "
+          "it on your images, set data.dataset='folder' and data.folder in the written config.py"
+      )
   learned = config.diffusion.model_var_type in ("learned", "learned_range")
   if fields["out_channels"] != fields["channels"] * (2 if learned else 1):
     raise UnsupportedConfigError(
