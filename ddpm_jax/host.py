@@ -254,21 +254,8 @@ def _initialize_distributed(
 
 
 def default_cpu_devices(config, num_processes: int = 1) -> int:
-  """One CPU device per core, rounded down to a count that splits every batch (logged if so)."""
-  cores = os.cpu_count() or 1
-  fit = config_validation.devices_that_fit(config, cores, num_processes)
-  if fit < cores:
-    logging.info(
-        "Splitting the batches over %d CPU devices, not one per core (%d): training.batch_size=%s, "
-        "sampling.batch_size=%s and eval.batch_size=%s must divide evenly (--cpu_devices to "
-        "choose)",
-        fit,
-        cores,
-        config.training.batch_size,
-        config.sampling.batch_size,
-        config.eval.batch_size,
-    )
-  return fit
+  """One CPU device per core, rounded down to a count that splits every batch of ``config``."""
+  return config_validation.devices_that_fit(config, os.cpu_count() or 1, num_processes)
 
 
 def device_hint(config) -> str:
@@ -306,8 +293,10 @@ def setup(
   """
   check_process_flags(config, coordinator_address, num_processes, process_id)
   xla_flags = os.environ.get("XLA_FLAGS", "")
+  rounded = False
   if FORCED_DEVICES_FLAG not in xla_flags:
     n = cpu_devices or default_cpu_devices(config, num_processes or 1)
+    rounded = not cpu_devices and n < (os.cpu_count() or 1)
     jax.config.update("jax_num_cpu_devices", n)
   if "collective_call_terminate_timeout" not in xla_flags:
     # CPU all-reduces abort after 40 s by default, which a busy CPU host can exceed.
@@ -324,5 +313,15 @@ def setup(
       jax.default_backend(),
       malloc.describe(),
   )
+  if rounded and jax.default_backend() == "cpu":
+    logging.info(
+        "Split over %d CPU devices, not one per core (%d), so that training.batch_size=%s, "
+        "sampling.batch_size=%s and eval.batch_size=%s divide evenly (--cpu_devices to choose)",
+        jax.local_device_count(),
+        os.cpu_count(),
+        config.training.batch_size,
+        config.sampling.batch_size,
+        config.eval.batch_size,
+    )
   if config.model.cpu_kernels and jax.default_backend() == "cpu" and malloc.describe() == "system":
     logging.info("On a CPU, %s.", malloc.ADVICE)

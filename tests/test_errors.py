@@ -770,21 +770,45 @@ def test_every_batch_the_devices_do_not_divide_is_named_at_once():
   assert config_validation.devices_that_fit(config, 32) == 16
 
 
-def test_the_default_cpu_device_count_divides_the_batches(monkeypatch, caplog):
+def test_the_default_cpu_device_count_divides_the_batches(monkeypatch):
   from ddpm_jax import host  # pylint: disable=g-import-not-at-top
 
   config = test_config.get_config()
   config.training.batch_size, config.sampling.batch_size, config.eval.batch_size = 128, 256, 256
   monkeypatch.setattr(os, "cpu_count", lambda: 6)
-  with caplog.at_level(logging.INFO):
-    assert host.default_cpu_devices(config) == 4
-  assert (
-      "Splitting the batches over 4 CPU devices, not one per core (6): training.batch_size=128, "
-      "sampling.batch_size=256 and eval.batch_size=256 must divide evenly (--cpu_devices to "
-      "choose)"
-  ) in caplog.text
+  assert host.default_cpu_devices(config) == 4
   monkeypatch.setattr(os, "cpu_count", lambda: 8)
   assert host.default_cpu_devices(config) == 8
+  # host.setup on a 6-core machine (a fresh process: this one's devices are set up).
+  code = (
+      "import os\n"
+      "from absl import flags, logging\n"
+      "flags.FLAGS.mark_as_parsed()\n"
+      "logging.set_verbosity(logging.INFO)\n"
+      "os.cpu_count = lambda: 6\n"
+      "from configs import test\n"
+      "from ddpm_jax import host\n"
+      "import jax\n"
+      "config = test.get_config()\n"
+      "config.training.batch_size, config.sampling.batch_size = 128, 256\n"
+      "host.setup_logging()\n"
+      "host.setup(config)\n"
+      "print(jax.local_device_count())\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert r.stdout.strip() == "4", r.stderr[-3000:]
+  assert (
+      "Split over 4 CPU devices, not one per core (6), so that training.batch_size=128, "
+      "sampling.batch_size=256 and eval.batch_size=16 divide evenly (--cpu_devices to choose)"
+  ) in r.stderr, r.stderr[-3000:]
   # What the error about the batch sizes adds on a CPU (this process has 8 devices).
   config.sampling.batch_size = 12
   monkeypatch.setenv("XLA_FLAGS", "")
