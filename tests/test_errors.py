@@ -423,7 +423,8 @@ def test_cli_misspelled_section_and_bad_literal_and_missing_config_file():
         (
             "--config.training.batch_size=3",
             "error: config.training.batch_size=3 is invalid: must be divisible by the number of "
-            "devices (2)",
+            "devices (2); the CPU device count comes from XLA_FLAGS' "
+            "--xla_force_host_platform_device_count: 1 would divide every batch size",
         ),
         (
             "--config.model.cpu_kernels=maybe",
