@@ -74,6 +74,10 @@ def exit_status(signum: int) -> int:
   return 128 + int(signum)
 
 
+def _ignore(signum, frame):  # pylint: disable=unused-argument
+  """The Python-level handler: the watcher's thread acts, nothing runs in the main thread."""
+
+
 class SignalWatcher:
   """SIGINT and SIGTERM acted on at once, even while the main thread is inside XLA.
 
@@ -110,10 +114,19 @@ class SignalWatcher:
     self._fds = (read_fd, write_fd)
     self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     for sig in SIGNALS:  # a Python-level handler is what makes the C handler write the byte
-      self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
+      self._previous[sig] = signal.signal(sig, _ignore)
     threading.Thread(target=self._watch, args=(read_fd,), daemon=True, name="signals").start()
     SignalWatcher._active = self
     return self
+
+  def reclaim(self) -> None:
+    """Takes the signals back from C++ code that installed its own handler since ``install``.
+
+    ``jax.distributed.initialize`` does, for SIGTERM: its preemption notifier, which
+    records the notice and lets the process run on.
+    """
+    for sig in SIGNALS:
+      signal.signal(sig, _ignore)
 
   def uninstall(self) -> None:
     """Gives the signals back to the handlers they had before ``install``."""
@@ -305,6 +318,8 @@ def setup(
     ).strip()
   if config.distributed.initialize or coordinator_address:
     _initialize_distributed(coordinator_address, num_processes, process_id, coordinator_timeout)
+    if SignalWatcher.active() is not None:
+      SignalWatcher.active().reclaim()
   logging.info(
       "JAX %s: %d processes, %d devices (%s); C allocator: %s",
       jax.__version__,

@@ -46,6 +46,8 @@ class _StopFlag:
     self._watcher = host.SignalWatcher.active()
     if self._watcher is None:  # not started by main.py (e.g. a test calling the loop)
       self._watcher, self._own_watcher = host.SignalWatcher().install(), True
+    else:
+      self._watcher.reclaim()  # from handlers installed since, e.g. JAX's preemption notifier
     self._watcher.push(self._handle)
     return self
 
