@@ -14,7 +14,8 @@ from absl import flags
 from absl import logging
 import jax
 
-from ddpm_jax import config_loading, config_validation, errors, host, sample, workdirs
+from ddpm_jax import compile_check, config_loading, config_validation, errors, host, sample, tpu
+from ddpm_jax import workdirs
 from ddpm_jax.evaluation import bpd, fid, figures
 from ddpm_jax.training import loop
 
@@ -24,6 +25,7 @@ MODES = {
     "eval_bpd": bpd.run_eval_bpd,
     "eval_fid": fid.run_eval_fid,
     "figures": figures.run_figures,
+    "compile": lambda config, workdir: compile_check.run_compile(config, workdir, FLAGS.topology),
 }
 
 FLAGS = flags.FLAGS
@@ -36,6 +38,7 @@ flags.DEFINE_integer(
 flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detection: host:port.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", lower_bound=0)
+flags.DEFINE_string("topology", None, "--mode=compile: the TPU slice, e.g. v3-8, v5e-16, v4:2x2x1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -61,10 +64,19 @@ def main(argv):
   host.setup_logging()
   try:
     config = config_loading.load(FLAGS.config, argv[1:])
-    host.setup(
-        config, FLAGS.cpu_devices, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-    )
-    config_validation.validate(config, jax.device_count(), jax.local_device_count())
+    if FLAGS.mode == "compile":  # the slice's compile-only devices, not this host's
+      tpu.prepare_environment()
+      num_devices, num_local = compile_check.slice_device_counts(FLAGS.topology)
+    else:
+      host.setup(
+          config,
+          FLAGS.cpu_devices,
+          FLAGS.coordinator_address,
+          FLAGS.num_processes,
+          FLAGS.process_id,
+      )
+      num_devices, num_local = jax.device_count(), jax.local_device_count()
+    config_validation.validate(config, num_devices, num_local)
     workdirs.prepare(FLAGS.workdir)
     if jax.process_index() == 0:
       host.setup_logging(FLAGS.workdir)

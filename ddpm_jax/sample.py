@@ -27,28 +27,36 @@ from ddpm_jax.training.state import AXIS
 SAMPLES_DIR = "samples"
 
 
-def make_p_sample(model, diffusion, config, per_device_batch: int):
+def sampling_model_fn(model, params, labels, config, diffusion):
+  """The network as the sampler calls it: model_fn(x_t [b, H, W, C], t [b]) -> output.
+
+  labels: [b] int class labels of a conditional model (None otherwise); it is
+  guided with ``sampling.guidance_scale`` (one batched call of both branches).
+  """
+  num_classes = config.model.num_classes
+  if not num_classes:
+    return state_lib.make_model_fn(model, params)
+  labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
+  return guidance.guided_model_fn(
+      labelled, labels, num_classes, config.sampling.guidance_scale, diffusion.learned_variance
+  )
+
+
+def make_p_sample(model, diffusion, config, per_device_batch: int, devices=None):
   """pmap-ed sampler: (params [D...], key [D, 2], labels [D, b] or None) -> images [D, b, H, W, C].
 
   Images in [-1, 1]. One call walks all steps of ``diffusion`` in a single
   ``lax.scan``, with ``sampling.sampler``; a class-conditional model is guided
   with ``sampling.guidance_scale`` (one batched call of both branches per step).
   With the CPU kernels active it is compiled with
-  ``cpu.compile_options.forward_options``.
+  ``cpu.compile_options.forward_options``. ``devices``: default the local ones.
   """
   s = config.sampling
   shape = (per_device_batch,) + state_lib.image_shape(config)
-  num_classes = config.model.num_classes
 
   def sample(params, key, labels):
     key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-    if num_classes:
-      labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
-      model_fn = guidance.guided_model_fn(
-          labelled, labels, num_classes, s.guidance_scale, diffusion.learned_variance
-      )
-    else:
-      model_fn = state_lib.make_model_fn(model, params)
+    model_fn = sampling_model_fn(model, params, labels, config, diffusion)
     if s.sampler == "dpm_solver++":
       return samplers.dpm_solver_sample_loop(
           diffusion,
@@ -68,7 +76,9 @@ def make_p_sample(model, diffusion, config, per_device_batch: int):
     )
 
   options = compile_options.forward_options() if model.cpu_kernels else None
-  return compile_options.CompiledWithOptions(jax.pmap(sample, axis_name=AXIS), options)
+  return compile_options.CompiledWithOptions(
+      jax.pmap(sample, axis_name=AXIS, devices=devices), options
+  )
 
 
 def labels_in_turn(config) -> Optional[Callable[[np.ndarray], np.ndarray]]:

@@ -69,13 +69,14 @@ def example_bpd_key(seed: int, index) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
 
-def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool):
+def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool, devices=None):
   """pmap-ed bound: (params [D...], batch, index [D, b] int32) -> dict of [D, b, ...].
 
   batch: {'image': x0 [D, b, H, W, C]} (+ 'label' [D, b]). Each example runs
   ``diffusion.calc_bpd_loop`` on its own with the key ``example_bpd_key(seed,
   index)`` (vmapped, so the network still sees batches of b). Returns
   total_bpd, prior_bpd [D, b] and terms_bpd, xstart_mse [D, b, T].
+  ``devices``: default the local ones.
   """
   base_key = jax.random.PRNGKey(seed)
 
@@ -91,7 +92,9 @@ def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool):
     return jax.vmap(one)(batch["image"], batch.get("label"), index)
 
   options = compile_options.forward_options() if model.cpu_kernels else None
-  return compile_options.CompiledWithOptions(jax.pmap(one_device, axis_name=AXIS), options)
+  return compile_options.CompiledWithOptions(
+      jax.pmap(one_device, axis_name=AXIS, devices=devices), options
+  )
 
 
 class _Totals:
