@@ -91,8 +91,8 @@ def _split_uint8_batches(config, split: str, max_examples: int, batch: int) -> I
         data, batch, process_index=0, process_count=1, local_device_count=1, split=split
     )
     seen = 0
-    for x, mask in it:
-      x = image_lib.to_uint8(x[0][mask[0]])
+    for batch in it:  # {'image': [1, b, H, W, C] in [-1, 1], 'mask': [1, b]}
+      x = image_lib.to_uint8(batch["image"][0][batch["mask"][0]])
       x = x[: max_examples - seen]
       seen += x.shape[0]
       yield x
