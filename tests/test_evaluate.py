@@ -284,7 +284,9 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
 
   with caplog.at_level("INFO"):
     first = fid.run_eval_fid(config, workdir)
-  assert re.search(r"FID samples: 64/64 images \(call 2/2\), [\d.]+ images/s, ETA", caplog.text)
+  assert re.search(
+      r"FID samples: 64/64 images, [\d.]+ images/s, ETA 00:00:00 \(call 2/2\)", caplog.text
+  )
   path = os.path.join(workdir, "eval", f"fid_step{STEP}.json")
   with open(path) as f:
     written = json.load(f)

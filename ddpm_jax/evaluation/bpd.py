@@ -32,7 +32,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import files, workdirs
+from ddpm_jax import files, progress, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.training import checkpoint
@@ -45,14 +45,6 @@ _EXAMPLE_FIELDS = ("index", "total", "prior", "decoder", "kl")
 
 def eval_dir(workdir: str) -> str:
   return os.path.join(workdir, EVAL_DIR)
-
-
-def fmt_eta(seconds: float) -> str:
-  """'HH:MM:SS', or days for long waits."""
-  seconds = max(0.0, float(seconds))
-  if seconds >= 86400:
-    return f"{seconds / 86400:.1f} d"
-  return time.strftime("%H:%M:%S", time.gmtime(seconds))
 
 
 def allgather(tree):
@@ -313,7 +305,9 @@ def run_eval_bpd(config, workdir: str) -> dict:
 
   p_bpd = make_p_bpd(model, diffusion, seed, clip)
   p_params = state_lib.replicate(params)
-  batches_computed, t_first = 0, None
+  batches_computed = 0
+  # The first batch's rate includes compilation, later ones do not.
+  examples = progress.Progress(n, "images", done=min(first_batch * batch_size, n), skip_first=True)
   for batch, index_dev in pipeline.prefetch_to_device(device_items(), 2, axis_name=AXIS):
     k, index, mask = indices.pop(0)
     got = dict(jax.device_get(p_bpd(p_params, batch, index_dev)), index=index, mask=mask)
@@ -322,27 +316,14 @@ def run_eval_bpd(config, workdir: str) -> dict:
     batches_computed += 1
     if pindex == 0:
       totals.save_partial(paths["partial"], fingerprint, k + 1)
-    now = time.time()
-    if t_first is None:
-      t_first = now  # the first batch includes compilation
-      logging.info(
-          "bits/dim batch %d/%d done (first batch, compilation included: %.1f s)",
-          k + 1,
-          num_batches,
-          now - start_time,
-      )
-    else:
-      rate = (batches_computed - 1) * batch_size / max(now - t_first, 1e-9)
-      done = np.concatenate(totals.examples["total"])
-      logging.info(
-          "bits/dim batch %d/%d: running mean %.4f over %d examples, %.2f images/s, " "ETA %s",
-          k + 1,
-          num_batches,
-          float(done.mean()),
-          done.size,
-          rate,
-          fmt_eta((num_batches - k - 1) * batch_size / max(rate, 1e-9)),
-      )
+    done = np.concatenate(totals.examples["total"])
+    logging.info(
+        "bits/dim batch %d/%d: running mean %.4f; %s",
+        k + 1,
+        num_batches,
+        float(done.mean()),
+        examples.report(min((k + 1) * batch_size, n)),
+    )
 
   count = totals.arrays()["total"].size
   if count != n:
