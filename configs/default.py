@@ -112,7 +112,7 @@ def get_config():
   training.grad_all_reduce = "auto"
   # split each device's batch into this many micro-batches (same result, less memory)
   training.grad_accum_steps = 1
-  # console + TensorBoard metrics every N steps
+  # console + TensorBoard metrics every N steps (where several processes agree to stop on a signal)
   training.log_every_steps = 100
   # write a checkpoint every N steps (and always at the end)
   training.checkpoint_every_steps = 10_000

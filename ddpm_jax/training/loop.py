@@ -43,11 +43,20 @@ class _StopFlag:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def should_stop(self) -> bool:
-    """Whether any process received a signal (all processes agree, so they stop together)."""
+  def should_stop(self, agree: bool = True) -> bool:
+    """Whether to stop after this call: at once on a signal, or together with the other processes.
+
+    Several processes compare their flags only where ``agree`` is True (the
+    loop's log points, every ``training.log_every_steps``, where it waits for
+    the device anyway to read the metrics), so the calls in between never wait
+    on a cross-process collective; a signal to any process stops all of them
+    at the next log point, after the same step.
+    """
     local = self.signum is not None
     if jax.process_count() == 1:
       return local
+    if not agree:
+      return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
@@ -195,7 +204,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       p_state, metrics = p_step(p_state, next(batches))
       unread.append((step, metrics))
       step += n
-      if crossed(tcfg.log_every_steps) or step >= tcfg.num_train_steps:
+      logged = crossed(tcfg.log_every_steps) or step >= tcfg.num_train_steps
+      if logged:
         means = read_metrics()
         report = steps.report(step)
         rate = report.rate
@@ -237,7 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           images.save_grid(path, imgs, ncol)
           writer.image("samples/ema", images.display_grid(imgs, ncol)[None], step)
         steps.restart(step)  # sampling time is not training time
-      if stop.should_stop():
+      if stop.should_stop(agree=logged):
         if stop.signum is not None:
           logging.info("Signal %s received: checkpointing step %d and stopping.", stop.signum, step)
         else:
