@@ -36,9 +36,9 @@ def _where(error: BaseException, path: str) -> str:
   return f"{frame.filename}:{frame.lineno}" if frame else path
 
 
-def load_file(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of the config file ``path``; ConfigError on any failure."""
-  flag = f"--config={path}"
+def load_file(path: str, flag: str = "") -> ml_collections.ConfigDict:
+  """``get_config()`` of the config file ``path``; ConfigError (starting with ``flag``) on failure."""
+  flag = flag or f"--config={path}"
   if not os.path.isfile(path):
     raise errors.ConfigError(f"{flag}: no such file")
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
