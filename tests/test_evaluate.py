@@ -233,6 +233,14 @@ def test_eval_bpd_without_checkpoint_is_a_clear_error(tmp_path):
     bpd.run_eval_bpd(small_config(), str(tmp_path))
 
 
+def test_eval_bpd_batch_the_devices_cannot_split_is_a_config_error_before_any_work(tmp_path):
+  config = small_config()
+  config.eval.batch_size = jax.local_device_count() + 1
+  # A ConfigError (one line from main.py), raised before looking for a checkpoint.
+  with pytest.raises(errors.ConfigError, match=r"^config\.eval\.batch_size=9 is invalid: must be"):
+    bpd.run_eval_bpd(config, str(tmp_path))
+
+
 # ----------------------------------------------------------------------------
 # FID / IS
 # ----------------------------------------------------------------------------
@@ -352,6 +360,20 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
   with np.load(written["samples_file"]) as z:
     np.testing.assert_array_equal(z["images"], samples)
     assert json.loads(str(z["settings"]))["clip_denoised"] is True
+
+
+def test_fid_user_errors_are_one_line_user_errors(tmp_path):
+  config = small_config()
+  with pytest.raises(errors.ConfigError, match="give a workdir or a stats_dir"):
+    fid.default_stats_dir(config, None)
+  # A damaged cached statistics file names itself and the remedy.
+  path = fid.reference_statistics_path(config, "test", str(tmp_path))
+  with open(path, "wb") as f:
+    f.write(b"not an npz")
+  with pytest.raises(errors.DataError) as info:
+    fid.get_reference_statistics(config, "test", str(tmp_path))
+  assert path in str(info.value) and "delete it" in str(info.value)
+  assert "\n" not in str(info.value)
 
 
 def test_fid_of_real_heldout_digits_is_far_below_that_of_noise(tmp_path):

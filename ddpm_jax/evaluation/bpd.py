@@ -32,7 +32,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import files, progress, workdirs
+from ddpm_jax import errors, files, progress, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.training import checkpoint
@@ -201,19 +201,19 @@ def run_eval_bpd(config, workdir: str) -> dict:
   example_prior_bpd, example_decoder_bpd, example_kl_bpd.
   """
   start_time = time.time()
-  model, params, step = checkpoint.restore_ema(config, workdir)
-  diffusion = state_lib.build_diffusion(config)
-  T = diffusion.num_timesteps
   ev, split, seed = config.eval, config.data.eval_split, int(config.eval.seed)
-  clip = bool(config.sampling.clip_denoised)
-  conditional = bool(config.model.num_classes)
   batch_size = int(ev.batch_size)
   pcount, pindex, d = jax.process_count(), jax.process_index(), jax.local_device_count()
   if batch_size % (pcount * d):
-    raise ValueError(
-        f"config.eval.batch_size={batch_size} must be divisible by "
+    raise errors.ConfigError(
+        f"config.eval.batch_size={batch_size} is invalid: must be divisible by "
         f"process_count * local_device_count = {pcount * d}"
     )
+  model, params, step = checkpoint.restore_ema(config, workdir)
+  diffusion = state_lib.build_diffusion(config)
+  T = diffusion.num_timesteps
+  clip = bool(config.sampling.clip_denoised)
+  conditional = bool(config.model.num_classes)
 
   streaming = (
       config.data.dataset in sources.TFDS_DATASETS

@@ -66,7 +66,9 @@ def default_stats_dir(config, workdir: Optional[str]) -> str:
   if d:
     return d
   if workdir is None:
-    raise ValueError("give a workdir or a stats_dir (eval.stats_dir or $DDPM_JAX_STATS_DIR)")
+    raise errors.ConfigError(
+        "give a workdir or a stats_dir (--stats_dir, eval.stats_dir or $DDPM_JAX_STATS_DIR)"
+    )
   return eval_dir(workdir)
 
 
@@ -165,7 +167,10 @@ def get_reference_statistics(
   """Cached statistics of a split: (mu, sigma, path, computed_now)."""
   path = reference_statistics_path(config, split, stats_dir)
   if os.path.exists(path):
-    mu, sigma = metrics.load_statistics(path)
+    try:
+      mu, sigma = metrics.load_statistics(path)
+    except ValueError as e:  # a damaged or foreign file in the statistics directory
+      raise errors.DataError(f"{e}; delete it to compute the statistics again") from e
     logging.info("Using cached reference statistics %s", path)
     return mu, sigma, path, False
   mu, sigma, _ = compute_reference_statistics(config, split, path, extractor)
@@ -227,8 +232,8 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
   d = jax.local_device_count()
   per_call = int(s.batch_size)
   if per_call % d:
-    raise ValueError(
-        f"config.sampling.batch_size={per_call} must be divisible by the number "
+    raise errors.ConfigError(
+        f"config.sampling.batch_size={per_call} is invalid: must be divisible by the number "
         f"of local devices ({d})"
     )
   diffusion = state_lib.build_sampling_diffusion(config)
