@@ -1,7 +1,8 @@
 """ddpm-jax: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020) in JAX/Flax.
 
 Layers, each importing only the ones above it:
-  errors, files, images, config_loading    plain helpers
+  errors, files, images, progress,         plain helpers
+  config_schema, config_loading
   diffusion/                               the process and its samplers (pure JAX)
   cpu/                                     opt-in XLA:CPU kernels (pure JAX)
   models/                                  the U-Net and Inception-v3 (Flax)

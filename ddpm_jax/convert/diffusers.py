@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import config_loading, config_validation, errors, files
+from ddpm_jax import config_loading, config_schema, config_validation, errors, files
 from ddpm_jax.models.unet import count_params
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
@@ -612,7 +612,7 @@ def build_config(
           f"{theirs!r}; pick the config of this model or leave --config_name out",
       )
   else:
-    config = _load_config_module("default")
+    config = config_schema.get_config()
     config.model.ch = fields["ch"]
     config.model.ch_mult = fields["ch_mult"]
     config.model.num_res_blocks = fields["num_res_blocks"]
