@@ -3,6 +3,7 @@
 Layers, each importing only the ones above it:
   errors, files, images, progress,         plain helpers
   config_schema, config_loading
+  parallel                                 devices and processes: pmap axis, replicas, gathers
   diffusion/                               the process and its samplers (pure JAX)
   cpu/                                     opt-in XLA:CPU kernels (pure JAX)
   models/                                  the U-Net and Inception-v3 (Flax)

@@ -37,7 +37,7 @@ from ddpm_jax.cpu import compile_options
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
-from ddpm_jax.training.state import AXIS
+from ddpm_jax.parallel import AXIS, allgather
 
 EVAL_DIR = "eval"
 _EXAMPLE_FIELDS = ("index", "total", "prior", "decoder", "kl")
@@ -45,15 +45,6 @@ _EXAMPLE_FIELDS = ("index", "total", "prior", "decoder", "kl")
 
 def eval_dir(workdir: str) -> str:
   return os.path.join(workdir, EVAL_DIR)
-
-
-def allgather(tree):
-  """Stacks each process's host arrays along a new leading axis [P, ...] (P = 1: a new axis)."""
-  if jax.process_count() == 1:
-    return jax.tree.map(lambda x: np.asarray(x)[None], tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree))
 
 
 def example_bpd_key(seed: int, index) -> jax.Array:

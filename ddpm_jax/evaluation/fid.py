@@ -42,9 +42,10 @@ import numpy as np
 from ddpm_jax import errors, files, images as image_lib, progress, sample, workdirs
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.evaluation import metrics
-from ddpm_jax.evaluation.bpd import allgather, eval_dir
+from ddpm_jax.evaluation.bpd import eval_dir
 from ddpm_jax.evaluation import features
 from ddpm_jax.evaluation.features import FeatureExtractor, extractor_name, get_feature_extractor
+from ddpm_jax.parallel import allgather
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
 

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import errors, files, images, progress, sample, workdirs
+from ddpm_jax import errors, files, images, parallel, progress, sample, workdirs
 from ddpm_jax.data import pipeline
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
@@ -57,9 +57,7 @@ class _StopFlag:
       return local
     if not agree:
       return False
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+    return parallel.any_process(local)
 
 
 def _stacked_batches(iterator, n: int, start_step: int, poison_step: int = -1):
