@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from ddpm_jax.training import checkpoint, loop
+from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
 
 pytestmark = pytest.mark.slow  # every test here runs main.py in subprocesses
@@ -507,33 +507,6 @@ def _wait_pair(pair, timeout=600):
   for proc, log in pair:
     assert proc.wait(timeout=timeout) == 0, _read(log)[-3000:]
   return [_read(log) for _, log in pair]
-
-
-def test_processes_compare_stop_flags_only_where_asked(monkeypatch):
-  """With several processes, should_stop gathers the flags only at the loop's log points."""
-  from jax.experimental import multihost_utils
-
-  gathered = []
-
-  def fake_allgather(x, others=0):
-    gathered.append(int(x))
-    return np.array([int(x), others])
-
-  monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost_utils, "process_allgather", fake_allgather)
-  flag = loop._StopFlag()
-  assert not flag.should_stop(agree=False) and not flag.should_stop(agree=True)
-  assert gathered == [0]
-  flag.signum = signal.SIGTERM
-  assert not flag.should_stop(agree=False)  # a signal waits for the next log point
-  assert gathered == [0]
-  assert flag.should_stop(agree=True) and gathered == [0, 1]
-  # Signalled elsewhere: the other process's flag stops this one too.
-  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: fake_allgather(x, 1))
-  assert loop._StopFlag().should_stop(agree=True) and gathered == [0, 1, 0]
-  # One process stops at once, at any step.
-  monkeypatch.setattr(jax, "process_count", lambda: 1)
-  assert flag.should_stop(agree=False) and gathered == [0, 1, 0]
 
 
 def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and_agree_on_sigterm(

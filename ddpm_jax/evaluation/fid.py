@@ -104,8 +104,8 @@ def _streamed_uint8_batches(data, split: str, max_examples: int, batch: int):
       data, batch, process_index=0, process_count=1, local_device_count=1, split=split
   )
   seen = 0
-  for batch in it:  # {'image': [1, b, H, W, C] in [-1, 1], 'mask': [1, b]}
-    x = image_lib.to_uint8(batch["image"][0][batch["mask"][0]])
+  for item in it:  # {'image': [1, b, H, W, C] in [-1, 1], 'mask': [1, b]}
+    x = image_lib.to_uint8(item["image"][0][item["mask"][0]])
     x = x[: max_examples - seen]
     seen += x.shape[0]
     yield x
