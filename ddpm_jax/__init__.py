@@ -1,7 +1,9 @@
 """ddpm-jax: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020) in JAX/Flax.
 
 Layers, each importing only the ones above it:
-  errors, files, images, config_loading    plain helpers
+  errors, files, images, progress,         plain helpers
+  config_schema, config_loading
+  parallel                                 devices and processes: pmap axis, replicas, gathers
   tpu                                      TPU slice names -> compile-only devices
   diffusion/                               the process and its samplers (pure JAX)
   cpu/                                     opt-in XLA:CPU kernels (pure JAX)

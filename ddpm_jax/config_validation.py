@@ -1,6 +1,6 @@
 """The one start-up check of a config: every problem is one line naming the field.
 
-Every field any code reads is defined (and commented) in ``configs/default.py``;
+Every field any code reads is defined (and commented) in ``config_schema.py``;
 a config with a field that is not there, or without one that is, is refused.
 """
 
@@ -10,7 +10,7 @@ import os
 
 import ml_collections
 
-from ddpm_jax import errors
+from ddpm_jax import config_schema, errors
 from ddpm_jax.data.sources import DATASETS, IMAGE_EXTENSIONS
 from ddpm_jax.diffusion import schedules
 from ddpm_jax.diffusion.gaussian import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
@@ -75,16 +75,16 @@ def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> set:
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError unless the config has exactly the fields of ``configs/default.py``."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-
-  want, have = _leaves(default.get_config()), _leaves(config)
+  """Raises ConfigError unless the config has exactly the fields of ``config_schema.py``."""
+  want, have = _leaves(config_schema.get_config()), _leaves(config)
   for field in sorted(have - want):
-    raise ConfigError(f"config.{field} is not a known field (configs/default.py lists them all)")
+    raise ConfigError(
+        f"config.{field} is not a known field (ddpm_jax/config_schema.py lists them all)"
+    )
   for field in sorted(want - have):
     raise ConfigError(
-        f"config.{field} is missing (configs/default.py lists every field; "
-        "start the config from default.get_config())"
+        f"config.{field} is missing (ddpm_jax/config_schema.py lists every field; "
+        "start the config from its get_config(), or configs/default.py's)"
     )
 
 

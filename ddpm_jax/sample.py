@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import files, images, workdirs
+from ddpm_jax import files, images, progress, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.diffusion import guidance, samplers
 from ddpm_jax.training import checkpoint
@@ -119,12 +119,13 @@ def generate(
   Call i uses key fold_in(PRNGKey(seed), i) (one key per device inside), and
   its row r is sample i * per_call + r, whose label is ``labels(index)``; so
   the images do not depend on how many are drawn in total. Logs images done,
-  images/s and the ETA after each call (the first includes compilation).
+  images/s and the ETA after each call (the first call's rate includes
+  compilation, later ones do not).
   """
   d = jax.local_device_count()
   out, out_labels = [], []
   calls = -(-num_samples // per_call)
-  start = time.time()
+  drawn = progress.Progress(num_samples, "images", skip_first=True)
   for i in range(first_call, first_call + calls):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
     keys = jnp.broadcast_to(key, (d,) + key.shape)
@@ -137,15 +138,7 @@ def generate(
     imgs = np.asarray(jax.device_get(imgs)).reshape((-1,) + imgs.shape[2:])
     out.append(images.to_uint8(imgs))
     if log_progress:
-      done = (i - first_call + 1) * per_call
-      rate = done / (time.time() - start)
-      logging.info(
-          "sampled %d/%d images (%.2f images/s, ETA %.0f s)",
-          min(done, num_samples),
-          num_samples,
-          rate,
-          max(num_samples - done, 0) / rate,
-      )
+      logging.info("sampled %s", drawn.report(min((i - first_call + 1) * per_call, num_samples)))
   y = np.concatenate(out_labels)[:num_samples] if labels is not None else None
   return np.concatenate(out)[:num_samples], y
 

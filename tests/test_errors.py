@@ -389,7 +389,8 @@ def test_cli_misspelled_override_names_the_field():
       err,
       (
           "error: --config.training.batchsize: the config has no field 'training.batchsize' (did you "
-          "mean --config.training.batch_size?); the fields are listed in configs/default.py"
+          "mean --config.training.batch_size?); the fields are listed in "
+          "ddpm_jax/config_schema.py"
       ),
   )
 
@@ -401,7 +402,8 @@ def test_cli_misspelled_section_and_bad_literal_and_missing_config_file():
       err,
       (
           "error: --config.trainin.batch_size: the config has no field 'trainin.batch_size' (did you "
-          "mean --config.training.batch_size?); the fields are listed in configs/default.py"
+          "mean --config.training.batch_size?); the fields are listed in "
+          "ddpm_jax/config_schema.py"
       ),
   )
   rc, err = cli("--config.training.batch_size=abc", workdir="/nonexistent-unused")

@@ -32,12 +32,12 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import files, workdirs
+from ddpm_jax import errors, files, progress, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
-from ddpm_jax.training.state import AXIS
+from ddpm_jax.parallel import AXIS, allgather
 
 EVAL_DIR = "eval"
 _EXAMPLE_FIELDS = ("index", "total", "prior", "decoder", "kl")
@@ -45,23 +45,6 @@ _EXAMPLE_FIELDS = ("index", "total", "prior", "decoder", "kl")
 
 def eval_dir(workdir: str) -> str:
   return os.path.join(workdir, EVAL_DIR)
-
-
-def fmt_eta(seconds: float) -> str:
-  """'HH:MM:SS', or days for long waits."""
-  seconds = max(0.0, float(seconds))
-  if seconds >= 86400:
-    return f"{seconds / 86400:.1f} d"
-  return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
-def allgather(tree):
-  """Stacks each process's host arrays along a new leading axis [P, ...] (P = 1: a new axis)."""
-  if jax.process_count() == 1:
-    return jax.tree.map(lambda x: np.asarray(x)[None], tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree))
 
 
 def example_bpd_key(seed: int, index) -> jax.Array:
@@ -212,19 +195,19 @@ def run_eval_bpd(config, workdir: str) -> dict:
   example_prior_bpd, example_decoder_bpd, example_kl_bpd.
   """
   start_time = time.time()
-  model, params, step = checkpoint.restore_ema(config, workdir)
-  diffusion = state_lib.build_diffusion(config)
-  T = diffusion.num_timesteps
   ev, split, seed = config.eval, config.data.eval_split, int(config.eval.seed)
-  clip = bool(config.sampling.clip_denoised)
-  conditional = bool(config.model.num_classes)
   batch_size = int(ev.batch_size)
   pcount, pindex, d = jax.process_count(), jax.process_index(), jax.local_device_count()
   if batch_size % (pcount * d):
-    raise ValueError(
-        f"config.eval.batch_size={batch_size} must be divisible by "
+    raise errors.ConfigError(
+        f"config.eval.batch_size={batch_size} is invalid: must be divisible by "
         f"process_count * local_device_count = {pcount * d}"
     )
+  model, params, step = checkpoint.restore_ema(config, workdir)
+  diffusion = state_lib.build_diffusion(config)
+  T = diffusion.num_timesteps
+  clip = bool(config.sampling.clip_denoised)
+  conditional = bool(config.model.num_classes)
 
   streaming = (
       config.data.dataset in sources.TFDS_DATASETS
@@ -316,7 +299,9 @@ def run_eval_bpd(config, workdir: str) -> dict:
 
   p_bpd = make_p_bpd(model, diffusion, seed, clip)
   p_params = state_lib.replicate(params)
-  batches_computed, t_first = 0, None
+  batches_computed = 0
+  # The first batch's rate includes compilation, later ones do not.
+  examples = progress.Progress(n, "images", done=min(first_batch * batch_size, n), skip_first=True)
   for batch, index_dev in pipeline.prefetch_to_device(device_items(), 2, axis_name=AXIS):
     k, index, mask = indices.pop(0)
     got = dict(jax.device_get(p_bpd(p_params, batch, index_dev)), index=index, mask=mask)
@@ -325,27 +310,14 @@ def run_eval_bpd(config, workdir: str) -> dict:
     batches_computed += 1
     if pindex == 0:
       totals.save_partial(paths["partial"], fingerprint, k + 1)
-    now = time.time()
-    if t_first is None:
-      t_first = now  # the first batch includes compilation
-      logging.info(
-          "bits/dim batch %d/%d done (first batch, compilation included: %.1f s)",
-          k + 1,
-          num_batches,
-          now - start_time,
-      )
-    else:
-      rate = (batches_computed - 1) * batch_size / max(now - t_first, 1e-9)
-      done = np.concatenate(totals.examples["total"])
-      logging.info(
-          "bits/dim batch %d/%d: running mean %.4f over %d examples, %.2f images/s, " "ETA %s",
-          k + 1,
-          num_batches,
-          float(done.mean()),
-          done.size,
-          rate,
-          fmt_eta((num_batches - k - 1) * batch_size / max(rate, 1e-9)),
-      )
+    done = np.concatenate(totals.examples["total"])
+    logging.info(
+        "bits/dim batch %d/%d: running mean %.4f; %s",
+        k + 1,
+        num_batches,
+        float(done.mean()),
+        examples.report(min((k + 1) * batch_size, n)),
+    )
 
   count = totals.arrays()["total"].size
   if count != n:

@@ -3,7 +3,7 @@
 Shared by training, sampling and evaluation: the U-Net of ``config.model``, the
 diffusion of ``config.diffusion`` (the full process, or the respaced one the
 sampler walks), Adam with warm-up and clipping, the ``TrainState`` saved in
-checkpoints, and its replication over the local devices.
+checkpoints (its replication over the local devices is ``parallel.py``'s).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import optax
 from ddpm_jax.diffusion import schedules
 from ddpm_jax.diffusion.gaussian import GaussianDiffusion, respaced
 from ddpm_jax.models.unet import UNet
-from ddpm_jax.training import timesteps
 
-# The pmap axis of every sharded program (and the name of the 1-D device mesh).
-AXIS = "batch"
+# Re-exported: programs (and code written against earlier versions) import them from here.
+from ddpm_jax.parallel import AXIS, device_sharding, replicate, unreplicate  # pylint: disable=unused-import
+from ddpm_jax.training import timesteps
 
 
 @flax.struct.dataclass
@@ -211,46 +211,3 @@ def make_model_fn(model: UNet, params, train: bool = False, dropout_keys=None, l
   return lambda x, t: model.apply(
       {"params": params}, x, t, labels, train=True, dropout_keys=dropout_keys
   )
-
-
-def device_sharding(devices=None) -> jax.sharding.NamedSharding:
-  """Leading axis split over ``devices`` (default: the local ones), on a mesh named ``AXIS``.
-
-  The name matters: jax 0.10 treats a mesh with another axis name as another
-  sharding and re-lays the arrays out on every pmap call.
-  """
-  devices = list(devices or jax.local_devices())
-  return jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
-  )
-
-
-def replicate(tree, devices=None):
-  """One copy per local device (or per device of ``devices``): leaves [D, ...], ready for pmap.
-
-  Each leaf goes to the host once and from there to each device as that
-  device's shard (``flax.jax_utils.replicate``'s layout, without its per-shape
-  compiled stack).
-  """
-  devices = list(devices or jax.local_devices())
-  sharding = device_sharding(devices)
-
-  def one(x):
-    x = np.asarray(x)[None]
-    return jax.make_array_from_single_device_arrays(
-        (len(devices),) + x.shape[1:], sharding, [jax.device_put(x, d) for d in devices]
-    )
-
-  return jax.tree_util.tree_map(one, tree)
-
-
-def unreplicate(tree):
-  """The first local device's copy, as numpy arrays on the host (works multi-process)."""
-
-  def first(x):
-    if not isinstance(x, jax.Array):
-      return np.asarray(x)[0]
-    shard = np.asarray(x.addressable_shards[0].data)
-    return shard[0] if shard.ndim == x.ndim else shard  # the shard may keep the device axis
-
-  return jax.tree.map(first, tree)
