@@ -14,8 +14,7 @@ from absl import flags
 from absl import logging
 import jax
 
-from ddpm_jax import compile_check, config_loading, config_validation, errors, host, sample, tpu
-from ddpm_jax import workdirs
+from ddpm_jax import compile_check, config_loading, config_validation, errors, host, sample, workdirs
 from ddpm_jax.evaluation import bpd, fid, figures
 from ddpm_jax.training import loop
 
@@ -64,19 +63,14 @@ def main(argv):
   host.setup_logging()
   try:
     config = config_loading.load(FLAGS.config, argv[1:])
-    if FLAGS.mode == "compile":  # the slice's compile-only devices, not this host's
-      tpu.prepare_environment()
-      num_devices, num_local = compile_check.slice_device_counts(FLAGS.topology)
+    if FLAGS.mode == "compile":  # checked against the slice's devices, not this host's
+      devices = compile_check.slice_device_counts(FLAGS.topology)
     else:
-      host.setup(
-          config,
-          FLAGS.cpu_devices,
-          FLAGS.coordinator_address,
-          FLAGS.num_processes,
-          FLAGS.process_id,
+      f = FLAGS
+      devices = host.setup(
+          config, f.cpu_devices, f.coordinator_address, f.num_processes, f.process_id
       )
-      num_devices, num_local = jax.device_count(), jax.local_device_count()
-    config_validation.validate(config, num_devices, num_local)
+    config_validation.validate(config, *devices)
     workdirs.prepare(FLAGS.workdir)
     if jax.process_index() == 0:
       host.setup_logging(FLAGS.workdir)

@@ -436,7 +436,11 @@ def run_compile(
 
 
 def slice_device_counts(topology_name: str) -> tuple[int, int]:
-  """(devices, devices of one host) of the slice, for the start-up config check."""
+  """(devices, devices of one host) of the slice, for the start-up config check.
+
+  Call before JAX starts its backends (see ``tpu.prepare_environment``).
+  """
+  tpu.prepare_environment()
   topology = tpu.parse(topology_name)
   devs = tpu.devices(topology)
   first = devs[0].process_index

@@ -35,8 +35,10 @@ def setup(
     coordinator_address: Optional[str] = None,
     num_processes: Optional[int] = None,
     process_id: Optional[int] = None,
-) -> None:
+) -> tuple[int, int]:
   """Sets up JAX's devices for ``config``; call before any JAX computation.
+
+  Returns (devices of all processes, devices of this one).
 
   On a CPU host the batch is split over ``cpu_devices`` devices (0: one per
   core; an ``XLA_FLAGS`` device count set from outside wins). Several processes
@@ -69,3 +71,4 @@ def setup(
   )
   if config.model.cpu_kernels and jax.default_backend() == "cpu" and malloc.describe() == "system":
     logging.info("On a CPU, %s.", malloc.ADVICE)
+  return jax.device_count(), jax.local_device_count()
