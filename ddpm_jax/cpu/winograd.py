@@ -18,8 +18,7 @@ peak, so this wins by doing fewer FLOPs, not faster ones. Where it helps is
 decided by :func:`applies` (measured with ``benchmarks/winograd_conv.py``).
 The backward pass is written by hand (``autodiff.defvjp``, which keeps
 ``jax.jvp`` working): the gradient of the transforms is another set of adds,
-and both gradients are again 36 matrix products of the same sizes (JAX's own
-gradient of the forward transforms is slower: docs/performance.md).
+and both gradients are again 36 matrix products of the same sizes.
 
 Numerics: the transforms scale values by up to 8x and add them, so the result
 differs from a direct convolution by rounding only: the largest error was
