@@ -61,8 +61,10 @@ def get_config():
   model.dtype = "float32"
   # rematerialise ResNet blocks in the backward pass (saves memory, costs compute)
   model.remat = False
-  # True: on a CPU backend, ddpm_jax/cpu's faster kernels (ignored on GPU/TPU; see its __init__)
-  model.cpu_kernels = False
+  # True: ddpm_jax/cpu's kernels wherever a program is built for a CPU backend (XLA:CPU's plain
+  # convs train far slower: docs/performance.md), the plain Flax model for GPU and TPU;
+  # False: the plain model everywhere (see ddpm_jax/cpu/__init__.py)
+  model.cpu_kernels = True
 
   # ---- the diffusion process (ddpm_jax/diffusion/) ----
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -110,9 +112,9 @@ def get_config():
   training.seed = 0
   # optimiser steps per host->device call, in one program; >1 cuts dispatch overhead
   training.steps_per_call = 1
-  # how those steps are chained: 'scan' (lax.scan; compile time independent of steps_per_call) | 'unroll' | 'auto' (unroll with model.cpu_kernels on a CPU, else scan)
+  # how those steps are chained: 'scan' (lax.scan; compile time independent of steps_per_call) | 'unroll' | 'auto' (unroll where model.cpu_kernels applies: on a CPU; else scan)
   training.multi_step_loop = "auto"
-  # averaging gradients over devices: 'flat' (one all-reduce of all of them concatenated) | 'tree' (one buffer per parameter; XLA combines) | 'auto' (flat with model.cpu_kernels on a CPU, else tree)
+  # averaging gradients over devices: 'flat' (one all-reduce of all of them concatenated) | 'tree' (one buffer per parameter; XLA combines) | 'auto' (flat where model.cpu_kernels applies: on a CPU; else tree)
   training.grad_all_reduce = "auto"
   # split each device's batch into this many micro-batches (same result, less memory)
   training.grad_accum_steps = 1

@@ -170,8 +170,15 @@ def validate(
   _number(config, "model.dropout", 0.0, 1.0, closed_high=False)
   _int(config, "model.num_classes", 0)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
-  for field in ("model.resamp_with_conv", "model.remat", "model.cpu_kernels"):
+  for field in ("model.resamp_with_conv", "model.remat"):
     _bool(config, field)
+  _require(
+      isinstance(m.cpu_kernels, bool),
+      "model.cpu_kernels",
+      m.cpu_kernels,
+      "must be True (the CPU kernels in programs for a CPU, the plain model for GPU/TPU) or "
+      "False (the plain model everywhere)",
+  )
 
   # diffusion
   _int(config, "diffusion.num_timesteps", 1)

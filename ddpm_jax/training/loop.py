@@ -121,7 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info(
       "Model: %s parameters%s; %s; %d local devices, %d processes",
       f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
-      " (CPU kernels)" if model.cpu_kernels else "",
+      " (CPU kernels on)" if model.cpu_kernels else " (CPU kernels off: the plain model)",
       diffusion,
       jax.local_device_count(),
       jax.process_count(),

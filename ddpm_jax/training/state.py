@@ -49,9 +49,12 @@ class TrainState:
 
 
 def cpu_kernels_active(config: ml_collections.ConfigDict, platform: Optional[str] = None) -> bool:
-  """Whether ``config.model.cpu_kernels`` is in effect: asked for and the backend is the CPU.
+  """Whether a program built for ``platform`` uses the CPU kernels (``ddpm_jax/cpu``).
 
-  ``platform``: 'cpu', 'gpu' or 'tpu' (default: JAX's default backend).
+  True when ``config.model.cpu_kernels`` is on (the default) and ``platform`` is
+  'cpu'; a program for 'gpu' or 'tpu' is the plain model whatever the config
+  says. ``platform``: the platform the program is compiled for (default: JAX's
+  default backend; a program compiled ahead of time for another one passes it).
   """
   return bool(config.model.cpu_kernels) and (platform or jax.default_backend()) == "cpu"
 
