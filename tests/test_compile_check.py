@@ -86,14 +86,17 @@ def test_train_step_argument_bytes(v5e_4):
   assert row["fits"] and row["total_bytes"] <= tpu.CHIPS["v5e"].hbm_bytes
 
 
-def unet_forward_macs(ch, ch_mult, num_res_blocks, attn_resolutions, size, channels):
+def unet_forward_macs(ch, ch_mult, num_res_blocks, attn_resolutions, size, channels, lanes=1):
   """Multiply-accumulates of one image through the paper's U-Net: convs, dense layers, attention.
 
   Follows the paper's layout (Ho et al. 2020, Appendix B; diffusion_tf/models/unet.py):
   ResNet blocks (two 3x3 convs, a time-embedding projection, a 1x1 shortcut when
   the channels change), attention (q, k, v, out projections and the two matrix
-  products), strided-conv downsampling and conv upsampling.
+  products), strided-conv downsampling and conv upsampling. ``lanes``: the image's
+  channels count as a multiple of this in the first and last conv (the TPU's
+  matrix unit works on 128 channels at a time).
   """
+  image_channels = -(-channels // lanes) * lanes
   temb = 4 * ch
   macs = ch * temb + temb * temb  # the two time-embedding dense layers
 
@@ -107,7 +110,7 @@ def unet_forward_macs(ch, ch_mult, num_res_blocks, attn_resolutions, size, chann
   def attn(s, c):
     return 4 * s * s * c * c + 2 * (s * s) ** 2 * c
 
-  macs += conv(size, channels, ch)
+  macs += conv(size, image_channels, ch)
   skips, c, s = [ch], ch, size
   for level, mult in enumerate(ch_mult):
     for _ in range(num_res_blocks):
@@ -129,11 +132,14 @@ def unet_forward_macs(ch, ch_mult, num_res_blocks, attn_resolutions, size, chann
       s *= 2
       macs += conv(s, c, c)
   assert not skips
-  return macs + conv(size, ch, channels)
+  return macs + conv(size, ch, image_channels)
 
 
 def test_forward_flops_per_image(v5e_4):
-  """The network's FLOPs per image on the TPU within 10% of 2 x its multiply-accumulates."""
+  """The network's FLOPs per image on the TPU within 10% of 2 x its multiply-accumulates.
+
+  The rest is the elementwise work XLA counts too (GroupNorm, swish, adds: about 8% here).
+  """
   config = test_config.get_config()  # two levels
   # 128 channels, as the paper's: XLA also counts the elementwise work (GroupNorm,
   # swish), about 18% of the convs' FLOPs at 32 channels and a quarter of that here.
@@ -145,7 +151,7 @@ def test_forward_flops_per_image(v5e_4):
   compiled = compile_check._forward_program(model, config, v5e_4, b, False).compile()
   flops, seconds = compile_check._cost(compiled)
   m = config.model
-  expected = 2 * unet_forward_macs(m.ch, m.ch_mult, m.num_res_blocks, (8,), 16, 1)
+  expected = 2 * unet_forward_macs(m.ch, m.ch_mult, m.num_res_blocks, (8,), 16, 1, lanes=128)
   assert abs(flops / b - expected) <= 0.10 * expected, (flops / b, expected)
   assert seconds is None or seconds > 0
 
