@@ -49,8 +49,12 @@ def make_p_sample(model, diffusion, config, per_device_batch: int):
       )
     else:
       model_fn = state_lib.make_model_fn(model, params)
-    if s.sampler == "dpm_solver++":
-      return samplers.dpm_solver_sample_loop(
+    if s.sampler in state_lib.DPM_SOLVERS:
+      loop = {
+          "dpm_solver++": samplers.dpm_solver_sample_loop,
+          "dpm_solver++_sde": samplers.dpm_solver_sde_sample_loop,
+      }[s.sampler]
+      return loop(
           diffusion,
           model_fn,
           shape,
@@ -148,7 +152,7 @@ def sampler_settings(config) -> dict:
   """
   s = config.sampling
   out = dict(sampler=s.sampler, num_timesteps=state_lib.sampling_steps(config), seed=int(s.seed))
-  if s.sampler == "dpm_solver++":
+  if s.sampler in state_lib.DPM_SOLVERS:
     out.update(timestep_spacing=s.timestep_spacing, thresholding=bool(s.thresholding))
   else:
     out.update(
@@ -167,7 +171,9 @@ def sample_tag(config, step: int) -> str:
   samples drawn another way get another file instead of overwriting earlier ones.
   """
   got = sampler_settings(config)
-  name = {"dpm_solver++": "dpmpp"}.get(got["sampler"], got["sampler"])
+  name = {"dpm_solver++": "dpmpp", "dpm_solver++_sde": "dpmppsde"}.get(
+      got["sampler"], got["sampler"]
+  )
   tag = f"step{step}_{name}{got['num_timesteps']}"
   if got["sampler"] == "ddim":
     tag += f"_eta{got['eta']:g}"
