@@ -145,13 +145,14 @@ def get_config():
 
   # ---- sampling (--mode=sample, and the grids during training) ----
   config.sampling = sampling = ml_collections.ConfigDict()
-  # 'ancestral' (Algorithm 2) | 'ddim' | 'dpm_solver++' (Lu et al. 2022, 2M: 10-20 steps)
+  # 'ancestral' (Algorithm 2) | 'ddim' | 'dpm_solver++' (Lu et al. 2022, 2M: 10-20 steps) |
+  # 'dpm_solver++_sde' (its SDE variant, fresh noise each step, Lu et al. 2022b: 20-50 steps)
   sampling.sampler = "ancestral"
-  # 0: all T steps (ancestral, DDIM; dpm_solver++: 20); otherwise this many network calls
+  # 0: all T steps (ancestral, DDIM; dpm_solver++, dpm_solver++_sde: 20); else this many calls
   sampling.num_steps = 0
-  # dpm_solver++: its steps 'uniform' in t or uniform in log-SNR ('logsnr')
+  # dpm_solver++(_sde): its steps 'uniform' in t or uniform in log-SNR ('logsnr')
   sampling.timestep_spacing = "uniform"
-  # dpm_solver++: dynamic thresholding of each x0 prediction (Saharia et al. 2022)
+  # dpm_solver++(_sde): dynamic thresholding of each x0 prediction (Saharia et al. 2022)
   sampling.thresholding = False
   # class-conditional: guidance scale w, eps = (1 + w) eps(x, c) - w eps(x, no class)
   sampling.guidance_scale = 0.0

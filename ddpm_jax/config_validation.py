@@ -267,7 +267,7 @@ def validate(
 
   # sampling
   s = config.sampling
-  _choice(config, "sampling.sampler", ("ancestral", "ddim", "dpm_solver++"))
+  _choice(config, "sampling.sampler", ("ancestral", "ddim", "dpm_solver++", "dpm_solver++_sde"))
   _choice(config, "sampling.timestep_spacing", ("uniform", "logsnr"))
   _bool(config, "sampling.thresholding")
   _number(config, "sampling.guidance_scale", 0.0, float("inf"))
@@ -286,7 +286,8 @@ def validate(
       "guides a class-conditional model: needs model.num_classes > 0",
   )
   _require(
-      s.sampler != "dpm_solver++" or config.diffusion.model_mean_type != "xprev",
+      s.sampler not in ("dpm_solver++", "dpm_solver++_sde")
+      or config.diffusion.model_mean_type != "xprev",
       "sampling.sampler",
       s.sampler,
       "needs an 'eps', 'x0' or 'v' model, not 'xprev'",

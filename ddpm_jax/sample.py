@@ -57,8 +57,12 @@ def make_p_sample(model, diffusion, config, per_device_batch: int, devices=None)
   def sample(params, key, labels):
     key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
     model_fn = sampling_model_fn(model, params, labels, config, diffusion)
-    if s.sampler == "dpm_solver++":
-      return samplers.dpm_solver_sample_loop(
+    if s.sampler in state_lib.DPM_SOLVERS:
+      loop = {
+          "dpm_solver++": samplers.dpm_solver_sample_loop,
+          "dpm_solver++_sde": samplers.dpm_solver_sde_sample_loop,
+      }[s.sampler]
+      return loop(
           diffusion,
           model_fn,
           shape,
@@ -151,7 +155,7 @@ def sampler_settings(config) -> dict:
   """
   s = config.sampling
   out = dict(sampler=s.sampler, num_timesteps=state_lib.sampling_steps(config), seed=int(s.seed))
-  if s.sampler == "dpm_solver++":
+  if s.sampler in state_lib.DPM_SOLVERS:
     out.update(timestep_spacing=s.timestep_spacing, thresholding=bool(s.thresholding))
   else:
     out.update(
@@ -170,7 +174,9 @@ def sample_tag(config, step: int) -> str:
   samples drawn another way get another file instead of overwriting earlier ones.
   """
   got = sampler_settings(config)
-  name = {"dpm_solver++": "dpmpp"}.get(got["sampler"], got["sampler"])
+  name = {"dpm_solver++": "dpmpp", "dpm_solver++_sde": "dpmppsde"}.get(
+      got["sampler"], got["sampler"]
+  )
   tag = f"step{step}_{name}{got['num_timesteps']}"
   if got["sampler"] == "ddim":
     tag += f"_eta{got['eta']:g}"

@@ -260,6 +260,18 @@ def test_samples_drawn_another_way_get_another_file(tmp_path):
   assert sample.sample_tag(dpm, 10) == "step10_dpmpp20_logsnr_seed1"  # 20 steps by default
   dpm.model.num_classes, dpm.sampling.guidance_scale, dpm.sampling.class_label = 10, 3.0, 7
   assert sample.sample_tag(dpm, 10) == "step10_dpmpp20_logsnr_w3_class7_seed1"
+  sde = test_config.get_config()
+  sde.sampling.sampler, sde.sampling.thresholding = "dpm_solver++_sde", True
+  assert sample.sample_tag(sde, 10) == "step10_dpmppsde20_thresholded_seed1"  # 20 by default
+  assert sample.sampler_settings(sde) == dict(
+      sampler="dpm_solver++_sde",
+      num_timesteps=20,
+      seed=1,
+      timestep_spacing="uniform",
+      thresholding=True,
+  )
+  sde.sampling.num_steps = 50
+  assert state_lib.build_sampling_diffusion(sde).num_timesteps == 100  # all T: picks its own times
   # Two draws that differ only in eta: both files survive, each with its own settings.
   written = {}
   for eta in (0.0, 1.0):

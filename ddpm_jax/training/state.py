@@ -87,6 +87,8 @@ def build_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
 
 
 DPM_SOLVER_DEFAULT_STEPS = 20
+# The samplers that pick their own times on the full process (DPM-Solver++, ODE and SDE).
+DPM_SOLVERS = ("dpm_solver++", "dpm_solver++_sde")
 
 
 def sampling_steps(config: ml_collections.ConfigDict) -> int:
@@ -94,17 +96,17 @@ def sampling_steps(config: ml_collections.ConfigDict) -> int:
   s = config.sampling
   if s.num_steps:
     return int(s.num_steps)
-  return DPM_SOLVER_DEFAULT_STEPS if s.sampler == "dpm_solver++" else config.diffusion.num_timesteps
+  return DPM_SOLVER_DEFAULT_STEPS if s.sampler in DPM_SOLVERS else config.diffusion.num_timesteps
 
 
 def build_sampling_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
   """The process the sampler walks: all T steps, or the respaced subset of ``sampling.num_steps``.
 
-  DPM-Solver++ always gets the full process (it picks its own times).
+  DPM-Solver++ (ODE and SDE) always gets the full process (it picks its own times).
   """
   betas = get_betas(config)
   s = config.sampling
-  if s.sampler == "dpm_solver++" or not s.num_steps or s.num_steps == len(betas):
+  if s.sampler in DPM_SOLVERS or not s.num_steps or s.num_steps == len(betas):
     return GaussianDiffusion(betas, **_diffusion_kwargs(config))
   spec = f"ddim{s.num_steps}" if s.sampler == "ddim" else str(s.num_steps)
   return respaced(betas, schedules.space_timesteps(len(betas), spec), **_diffusion_kwargs(config))
