@@ -2,12 +2,9 @@
 
   python main.py --config=configs/digits.py --workdir=/tmp/digits                # train
   python main.py --config=configs/digits.py --workdir=/tmp/digits --mode=sample
-  python main.py --config=configs/cifar10.py --workdir=DIR --config.training.batch_size=64
 
 Any config field can be overridden with --config.SECTION.FIELD=VALUE.
 """
-
-import sys
 
 from absl import app
 from absl import flags
@@ -41,21 +38,15 @@ flags.DEFINE_string("topology", None, "--mode=compile: the TPU slice, e.g. v3-8,
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def fail(message) -> None:
-  """The one line ``error: ...`` on stderr, exit status 1."""
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(1)
-
-
 def parse_flags(argv):
   """absl's flags; the --config.* overrides are passed on to main. Mistakes are one line."""
   overrides = [a for a in argv[1:] if a.startswith(config_loading.OVERRIDE_PREFIX)]
   try:
     rest = FLAGS([a for a in argv if a not in overrides])
   except flags.Error as e:
-    fail(f"{e} (see --helpfull)")
+    host.fail(f"{e} (see --helpfull)")
   if len(rest) > 1:
-    fail(f"unexpected argument {rest[1]!r} (flags are --name=value; see --helpfull)")
+    host.fail(f"unexpected argument {rest[1]!r} (flags are --name=value; see --helpfull)")
   return rest + overrides
 
 
@@ -79,7 +70,7 @@ def main(argv):
     MODES[FLAGS.mode](config, FLAGS.workdir)
   except errors.UserError as e:
     logging.error("%s: %s", type(e).__name__, e)
-    fail(e)
+    host.fail(e)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 from absl import flags
@@ -10,6 +11,12 @@ from absl import logging
 import jax
 
 from ddpm_jax.cpu import malloc
+
+
+def fail(message) -> None:
+  """The one line ``error: ...`` on stderr, exit status 1 (main.py's way to report a UserError)."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(1)
 
 
 class _OwnInfoOnly(logging.logging.Filter):
