@@ -229,7 +229,9 @@ def test_the_sde_solver_samples_a_guided_model_through_make_p_sample(conditional
       num_steps=5,
       spacing="logsnr",
   )
-  np.testing.assert_allclose(got[0], np.asarray(want), atol=1e-4)
+  # The CPU kernels and the samplers' compile options (on by default) change float rounding:
+  # values here reach ~50, so the tolerance is relative too.
+  np.testing.assert_allclose(got[0], np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------
