@@ -1,15 +1,13 @@
-"""ddpm-jax: train, sample and evaluate DDPMs.
+"""ddpm-jax: train, sample and evaluate DDPMs, or compile them for a TPU slice (--mode).
 
   python main.py --config=configs/digits.py --workdir=/tmp/digits                # train
   python main.py --config=configs/digits.py --workdir=/tmp/digits --mode=sample
-  python main.py --config=configs/cifar10.py --workdir=DIR --config.training.batch_size=64
 
 Any config field can be overridden with --config.SECTION.FIELD=VALUE.
 """
 
 import os
 import signal
-import sys
 
 # Ctrl-C while the imports below load (seconds): one line, not a traceback.
 signal.signal(signal.SIGINT, lambda *_: (os.write(2, b"error: stopped by SIGINT\n"), os._exit(130)))
@@ -17,7 +15,7 @@ from absl import app
 from absl import flags
 import jax
 
-from ddpm_jax import config_loading, config_validation, errors, host, sample, workdirs
+from ddpm_jax import compile_check, config_loading, config_validation, errors, host, sample, workdirs
 from ddpm_jax.evaluation import bpd, fid, figures
 from ddpm_jax.training import loop
 
@@ -27,6 +25,7 @@ MODES = {
     "eval_bpd": bpd.run_eval_bpd,
     "eval_fid": fid.run_eval_fid,
     "figures": figures.run_figures,
+    "compile": lambda config, workdir: compile_check.run_compile(config, workdir, FLAGS.topology),
 }
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Experiment config file (configs/*.py).")
@@ -37,6 +36,7 @@ flags.DEFINE_string("coordinator_address", None, "Multi-host without auto-detect
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", lower_bound=0)
 flags.DEFINE_integer("coordinator_timeout", 300, "Multi-host: seconds to wait.", lower_bound=1)
+flags.DEFINE_string("topology", None, "--mode=compile: the TPU slice, e.g. v3-8, v5e-16, v4:2x2x1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -58,22 +58,22 @@ def main(argv):
   signals.at_exit.append(lambda: workdirs.remove_created(created))
   try:
     config = config_loading.load(FLAGS.config, argv[1:])
-    process_flags = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    host.setup(config, FLAGS.cpu_devices, *process_flags, FLAGS.coordinator_timeout)
-    n, local, hint = jax.device_count(), jax.local_device_count(), host.device_hint(config)
-    config_validation.validate(config, n, local, hint)
+    process = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    devices = (  # a compile is checked against the slice's devices, not this host's
+        compile_check.slice_device_counts(FLAGS.topology)
+        if FLAGS.mode == "compile"
+        else host.setup(config, FLAGS.cpu_devices, *process, FLAGS.coordinator_timeout)
+    )
+    config_validation.validate(config, *devices)
     created += workdirs.prepare(FLAGS.workdir)
     if jax.process_index() == 0:
       host.setup_logging(FLAGS.workdir)
       if FLAGS.mode == "train":  # held until the process ends
         workdirs.Lock(FLAGS.workdir).acquire()
     MODES[FLAGS.mode](config, FLAGS.workdir)
-  except errors.Stopped as e:  # training stopped by a signal, its checkpoint written
-    sys.exit(e.status)
   except errors.UserError as e:
-    host.log_error(f"{type(e).__name__}: {e}")
     workdirs.remove_created(created)
-    host.fail(e)
+    host.fail(e, log=True)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,16 @@ Runs, in alternation and `--reps` times each, our train step and the peer's for
 the paper's CIFAR-10 U-Net (batch 8) and the 1.1M-parameter U-Net (ch 32,
 ch_mult (1,2,2), one res block per level, attention at 16x16; batch 32), and
 1000-step sampling of 16 images of the 1.1M model. Prints every JSON line it
-gets, then one summary line per case: the medians and our/peer images-per-s
-ratio. --dtype=bfloat16 runs both sides in bfloat16 compute (float32 weights).
+gets, then one summary line per case and variant of ours: the medians and
+our/peer images-per-s ratio. --dtype=bfloat16 runs both sides in bfloat16 compute (float32 weights).
 Both train steps end with the paper's EMA of the weights (decay 0.9999), our
 step's last part; --peer_ema_decay=0 leaves it out of the peer's step only.
-Our side runs with --config.model.cpu_kernels=True (--ours_cpu_kernels=False:
-the plain Flax model) and starts as main.py does (``ddpm_jax.host.setup``: with
-the CPU kernels, glibc keeps the memory XLA frees); the peer with the system's
-allocator, or with --peer_malloc=glibc_thp|jemalloc that environment
+Our side runs as configured (model.cpu_kernels is on by default: the CPU
+kernels); --ours_cpu_kernels=False runs the plain Flax model instead, and a
+list, e.g. --ours_cpu_kernels=default,False, runs each of our variants in turn
+with the peer in every round. Ours starts as main.py does
+(``ddpm_jax.host.setup``), the peer with the system's allocator, or with
+--peer_malloc=glibc_thp|jemalloc that environment
 (``bench_setup.malloc_environment``; a check that the allocator is not all of
 the difference). The peer needs torch and diffusers (requirements-bench.txt) in the
 interpreter given by --torch_python; the machine should be otherwise idle.
@@ -100,33 +102,39 @@ def main():
   )
   parser.add_argument(
       "--ours_cpu_kernels",
-      type=lambda v: v.lower() in ("1", "true", "yes"),
-      default=True,
-      help="our side with model.cpu_kernels (True/False)",
+      default="default",
+      help="our side's model.cpu_kernels: 'default' (as configured), True or False, or a "
+      "comma-separated list of them, each run in every round",
   )
   args = parser.parse_args()
   try:
     peer_env = bench_setup.malloc_environment(args.peer_malloc)
   except ValueError as e:
     parser.error(str(e))
+  variants = args.ours_cpu_kernels.split(",")
+  for v in variants:
+    if v.lower() not in ("default", "true", "false"):
+      parser.error(f"--ours_cpu_kernels: {v!r} is not default, True or False")
   summary = []
   for case in args.cases.split(","):
     ours_cmd, peer_args = CASES[case]
-    ours, peer = [], []
+    ours, peer = {v: [] for v in variants}, []
     if "--mode=train" in peer_args:
       peer_args = [*peer_args, f"--ema_decay={args.peer_ema_decay}"]
     for _ in range(args.reps):
-      ours.append(
-          run(
-              [
-                  sys.executable,
-                  os.path.join(HERE, ours_cmd[0]),
-                  *ours_cmd[1:],
-                  f"--config.model.dtype={args.dtype}",
-                  f"--config.model.cpu_kernels={args.ours_cpu_kernels}",
-              ]
-          )
-      )
+      for v in variants:
+        kernels = [] if v.lower() == "default" else [f"--config.model.cpu_kernels={v}"]
+        ours[v].append(
+            run(
+                [
+                    sys.executable,
+                    os.path.join(HERE, ours_cmd[0]),
+                    *ours_cmd[1:],
+                    f"--config.model.dtype={args.dtype}",
+                    *kernels,
+                ]
+            )
+        )
       peer.append(
           run(
               [
@@ -138,21 +146,23 @@ def main():
               env=peer_env,
           )
       )
-    ours_ips = statistics.median(r["images_per_s"] for r in ours)
     peer_ips = statistics.median(r["images_per_s"] for r in peer)
-    summary.append(
-        dict(
-            case=case,
-            dtype=args.dtype,
-            reps=args.reps,
-            peer_malloc=args.peer_malloc,
-            ours_cpu_kernels=args.ours_cpu_kernels,
-            ours_malloc=ours[0].get("malloc"),
-            ours_images_per_s=ours_ips,
-            peer_images_per_s=peer_ips,
-            ratio=round(ours_ips / peer_ips, 3),
-        )
-    )
+    for v in variants:
+      ours_ips = statistics.median(r["images_per_s"] for r in ours[v])
+      summary.append(
+          dict(
+              case=case,
+              dtype=args.dtype,
+              reps=args.reps,
+              peer_malloc=args.peer_malloc,
+              ours_cpu_kernels=v,
+              ours_cpu_kernels_active=ours[v][0].get("cpu_kernels"),
+              ours_malloc=ours[v][0].get("malloc"),
+              ours_images_per_s=ours_ips,
+              peer_images_per_s=peer_ips,
+              ratio=round(ours_ips / peer_ips, 3),
+          )
+      )
   for s in summary:
     print(json.dumps(s))
 

@@ -36,16 +36,43 @@ def _where(error: BaseException, path: str) -> str:
   return f"{frame.filename}:{frame.lineno}" if frame else path
 
 
-def load_file(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of the config file ``path``; ConfigError on any failure."""
-  flag = f"--config={path}"
+def _import_package_of(path: str) -> None:
+  """Imports the directory of a config file as the package of its name, if it is one.
+
+  Experiment files import their neighbours (configs/cifar10.py: ``from configs
+  import default``). Rather than putting the repository on ``sys.path``, a
+  directory with an ``__init__.py`` is imported under its own name, from that
+  directory, unless a package of that name is already imported (which then
+  serves the imports, as a first import would have from ``sys.path``).
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  name = os.path.basename(directory)
+  init = os.path.join(directory, "__init__.py")
+  if not name.isidentifier() or name in sys.modules or not os.path.isfile(init):
+    return
+  spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[directory])
+  package = importlib.util.module_from_spec(spec)
+  sys.modules[name] = package
+  try:
+    spec.loader.exec_module(package)
+  except BaseException:
+    del sys.modules[name]
+    raise
+
+
+def load_file(path: str, flag: str = "") -> ml_collections.ConfigDict:
+  """``get_config()`` of the config file ``path``; ConfigError on any failure.
+
+  ``flag`` starts the error messages (default ``--config=PATH``). The file may
+  import its neighbours as modules of its directory's package (``from configs
+  import default``) from any working directory.
+  """
+  flag = flag or f"--config={path}"
   if not os.path.isfile(path):
     raise errors.ConfigError(f"{flag}: no such file")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:  # configs/x.py imports 'configs.default' from the repository root
-    sys.path.insert(0, root)
   name = "_ddpm_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   try:
+    _import_package_of(path)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -80,7 +107,7 @@ def _unknown(config, dotted: str) -> errors.ConfigError:
   hint = f" (did you mean {OVERRIDE_PREFIX}{close[0]}?)" if close else ""
   return errors.ConfigError(
       f"{OVERRIDE_PREFIX}{dotted}: the config has no field {dotted!r}{hint}; "
-      "the fields are listed in configs/default.py"
+      "the fields are listed in ddpm_jax/config_schema.py"
   )
 
 

@@ -1,6 +1,6 @@
 """The one start-up check of a config: every problem is one line naming the field.
 
-Every field any code reads is defined (and commented) in ``configs/default.py``;
+Every field any code reads is defined (and commented) in ``config_schema.py``;
 a config with a field that is not there, or without one that is, is refused.
 """
 
@@ -10,14 +10,14 @@ import os
 
 import ml_collections
 
-from ddpm_jax import errors
+from ddpm_jax import config_schema, errors
 from ddpm_jax.data.sources import DATASETS, IMAGE_EXTENSIONS
 from ddpm_jax.diffusion import schedules
 from ddpm_jax.diffusion.gaussian import LOSS_TYPES, MEAN_TYPES, VAR_TYPES
 
 ConfigError = errors.ConfigError
 # The samplers that use sampling.timestep_spacing and sampling.thresholding.
-SPACED_SAMPLERS = ("dpm_solver++",)
+SPACED_SAMPLERS = ("dpm_solver++", "dpm_solver++_sde")
 
 
 def _require(cond: bool, field: str, value, allowed: str) -> None:
@@ -77,16 +77,16 @@ def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> set:
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError unless the config has exactly the fields of ``configs/default.py``."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-
-  want, have = _leaves(default.get_config()), _leaves(config)
+  """Raises ConfigError unless the config has exactly the fields of ``config_schema.py``."""
+  want, have = _leaves(config_schema.get_config()), _leaves(config)
   for field in sorted(have - want):
-    raise ConfigError(f"config.{field} is not a known field (configs/default.py lists them all)")
+    raise ConfigError(
+        f"config.{field} is not a known field (ddpm_jax/config_schema.py lists them all)"
+    )
   for field in sorted(want - have):
     raise ConfigError(
-        f"config.{field} is missing (configs/default.py lists every field; "
-        "start the config from default.get_config())"
+        f"config.{field} is missing (ddpm_jax/config_schema.py lists every field; "
+        "start the config from its get_config(), or configs/default.py's)"
     )
 
 
@@ -238,8 +238,15 @@ def validate(
   _number(config, "model.dropout", 0.0, 1.0, closed_high=False)
   _int(config, "model.num_classes", 0)
   _choice(config, "model.dtype", ("float32", "bfloat16"))
-  for field in ("model.resamp_with_conv", "model.remat", "model.cpu_kernels"):
+  for field in ("model.resamp_with_conv", "model.remat"):
     _bool(config, field)
+  _require(
+      isinstance(m.cpu_kernels, bool),
+      "model.cpu_kernels",
+      m.cpu_kernels,
+      "must be True (the CPU kernels in programs for a CPU, the plain model for GPU/TPU) or "
+      "False (the plain model everywhere)",
+  )
 
   # diffusion
   _int(config, "diffusion.num_timesteps", 1)
@@ -322,7 +329,7 @@ def validate(
 
   # sampling
   s = config.sampling
-  _choice(config, "sampling.sampler", ("ancestral", "ddim", "dpm_solver++"))
+  _choice(config, "sampling.sampler", ("ancestral", "ddim", "dpm_solver++", "dpm_solver++_sde"))
   _choice(config, "sampling.timestep_spacing", ("uniform", "logsnr"))
   _bool(config, "sampling.thresholding")
   _number(config, "sampling.guidance_scale", 0.0, float("inf"))
@@ -347,7 +354,8 @@ def validate(
       "guides a class-conditional model: needs model.num_classes > 0",
   )
   _require(
-      s.sampler != "dpm_solver++" or config.diffusion.model_mean_type != "xprev",
+      s.sampler not in ("dpm_solver++", "dpm_solver++_sde")
+      or config.diffusion.model_mean_type != "xprev",
       "sampling.sampler",
       s.sampler,
       "needs an 'eps', 'x0' or 'v' model, not 'xprev'",
@@ -386,14 +394,14 @@ def validate(
       s.timestep_spacing == "uniform" or s.sampler in SPACED_SAMPLERS,
       "sampling.timestep_spacing",
       s.timestep_spacing,
-      f"only {' and '.join(map(repr, SPACED_SAMPLERS))} uses it, not sampling.sampler="
+      f"only the DPM-Solver++ samplers ({' and '.join(map(repr, SPACED_SAMPLERS))}) use it, not sampling.sampler="
       f"{s.sampler!r}; leave it 'uniform'",
   )
   _require(
       not s.thresholding or s.sampler in SPACED_SAMPLERS,
       "sampling.thresholding",
       s.thresholding,
-      f"only {' and '.join(map(repr, SPACED_SAMPLERS))} uses it, not sampling.sampler="
+      f"only the DPM-Solver++ samplers ({' and '.join(map(repr, SPACED_SAMPLERS))}) use it, not sampling.sampler="
       f"{s.sampler!r} (which clips with sampling.clip_denoised); leave it False",
   )
   _int(config, "sampling.num_samples", 1)

@@ -58,13 +58,19 @@ class WeightsNotFoundError(WeightsError, FileNotFoundError):
   """A file or folder of pretrained weights is not on disk."""
 
 
-class Stopped(Exception):
-  """Training stopped by a signal after writing its checkpoint: main.py exits with ``status``.
+class Stopped(SystemExit):
+  """Training stopped by a signal after writing its checkpoint: the process exits with ``status``.
 
   Not a UserError: nothing went wrong, but the run did not finish, so a shell
-  (``train && sample``) or a job controller must not take it for a success.
+  (``train && sample``) or a job controller must not take it for a success. A
+  SystemExit whose code is the status (130, 143), so it ends the program
+  without a traceback wherever it is not caught.
   """
 
   def __init__(self, message: str, status: int):
-    super().__init__(message)
+    super().__init__(status)
+    self.message = message
     self.status = status
+
+  def __str__(self) -> str:
+    return self.message

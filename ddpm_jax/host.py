@@ -20,6 +20,12 @@ from ddpm_jax.cpu import malloc
 _NOISE = ("Given directory is read only",)
 
 
+def fail(message) -> None:
+  """The one line ``error: ...`` on stderr, exit status 1 (main.py's way to report a UserError)."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(1)
+
+
 class _OwnInfoOnly(logging.logging.Filter):
   """INFO lines of ddpm_jax only: orbax, TF and JAX log every file they touch."""
 
@@ -39,8 +45,13 @@ def setup_logging(workdir: Optional[str] = None) -> None:
     handler.use_absl_log_file("log", workdir)
 
 
-def fail(message) -> None:
-  """The one line ``error: ...`` on stderr, exit status 1."""
+def fail(message, log: bool = False) -> None:
+  """The one line ``error: ...`` on stderr, exit status 1; with ``log``, also in workdir/log.INFO.
+
+  ``message``: a string or an exception (logged with its type's name).
+  """
+  if log:
+    log_error(f"{type(message).__name__}: {message}" if isinstance(message, Exception) else message)
   print("error: " + " ".join(str(message).split()), file=sys.stderr)
   sys.exit(1)
 
@@ -291,8 +302,11 @@ def setup(
     num_processes: Optional[int] = None,
     process_id: Optional[int] = None,
     coordinator_timeout: int = 300,
-) -> None:
+) -> tuple[int, int, str]:
   """Sets up JAX's devices for ``config``; call before any JAX computation.
+
+  Returns (devices of all processes, devices of this one, ``device_hint(config)``), the
+  arguments of ``config_validation.validate`` after the config.
 
   On a CPU host the batch is split over ``cpu_devices`` devices (0: one per
   core, rounded down to a count that divides the batch sizes; an ``XLA_FLAGS``
@@ -340,3 +354,4 @@ def setup(
     )
   if config.model.cpu_kernels and jax.default_backend() == "cpu" and malloc.describe() == "system":
     logging.info("On a CPU, %s.", malloc.ADVICE)
+  return jax.device_count(), jax.local_device_count(), device_hint(config)

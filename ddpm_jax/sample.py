@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import errors, files, images, workdirs
+from ddpm_jax import errors, files, images, progress, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.diffusion import guidance, samplers
 from ddpm_jax.training import checkpoint
@@ -28,30 +28,42 @@ from ddpm_jax.training.state import AXIS
 SAMPLES_DIR = "samples"
 
 
-def make_p_sample(model, diffusion, config, per_device_batch: int):
+def sampling_model_fn(model, params, labels, config, diffusion):
+  """The network as the sampler calls it: model_fn(x_t [b, H, W, C], t [b]) -> output.
+
+  labels: [b] int class labels of a conditional model (None otherwise); it is
+  guided with ``sampling.guidance_scale`` (one batched call of both branches).
+  """
+  num_classes = config.model.num_classes
+  if not num_classes:
+    return state_lib.make_model_fn(model, params)
+  labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
+  return guidance.guided_model_fn(
+      labelled, labels, num_classes, config.sampling.guidance_scale, diffusion.learned_variance
+  )
+
+
+def make_p_sample(model, diffusion, config, per_device_batch: int, devices=None):
   """pmap-ed sampler: (params [D...], key [D, 2], labels [D, b] or None) -> images [D, b, H, W, C].
 
   Images in [-1, 1]. One call walks all steps of ``diffusion`` in a single
   ``lax.scan``, with ``sampling.sampler``; a class-conditional model is guided
   with ``sampling.guidance_scale`` (one batched call of both branches per step).
   With the CPU kernels active it is compiled with
-  ``cpu.compile_options.forward_options``.
+  ``cpu.compile_options.forward_options``. ``devices``: default the local ones.
   """
   s = config.sampling
   shape = (per_device_batch,) + state_lib.image_shape(config)
-  num_classes = config.model.num_classes
 
   def sample(params, key, labels):
     key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
-    if num_classes:
-      labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
-      model_fn = guidance.guided_model_fn(
-          labelled, labels, num_classes, s.guidance_scale, diffusion.learned_variance
-      )
-    else:
-      model_fn = state_lib.make_model_fn(model, params)
-    if s.sampler == "dpm_solver++":
-      return samplers.dpm_solver_sample_loop(
+    model_fn = sampling_model_fn(model, params, labels, config, diffusion)
+    if s.sampler in state_lib.DPM_SOLVERS:
+      loop = {
+          "dpm_solver++": samplers.dpm_solver_sample_loop,
+          "dpm_solver++_sde": samplers.dpm_solver_sde_sample_loop,
+      }[s.sampler]
+      return loop(
           diffusion,
           model_fn,
           shape,
@@ -69,7 +81,9 @@ def make_p_sample(model, diffusion, config, per_device_batch: int):
     )
 
   options = compile_options.forward_options() if model.cpu_kernels else None
-  return compile_options.CompiledWithOptions(jax.pmap(sample, axis_name=AXIS), options)
+  return compile_options.CompiledWithOptions(
+      jax.pmap(sample, axis_name=AXIS, devices=devices), options
+  )
 
 
 def labels_in_turn(config) -> Optional[Callable[[np.ndarray], np.ndarray]]:
@@ -110,12 +124,13 @@ def generate(
   Call i uses key fold_in(PRNGKey(seed), i) (one key per device inside), and
   its row r is sample i * per_call + r, whose label is ``labels(index)``; so
   the images do not depend on how many are drawn in total. Logs images done,
-  images/s and the ETA after each call (the first includes compilation).
+  images/s and the ETA after each call (the first call's rate includes
+  compilation, later ones do not).
   """
   d = jax.local_device_count()
   out, out_labels = [], []
   calls = -(-num_samples // per_call)
-  start = time.time()
+  drawn = progress.Progress(num_samples, "images", skip_first=True)
   for i in range(first_call, first_call + calls):
     key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
     keys = jnp.broadcast_to(key, (d,) + key.shape)
@@ -128,15 +143,7 @@ def generate(
     imgs = np.asarray(jax.device_get(imgs)).reshape((-1,) + imgs.shape[2:])
     out.append(images.to_uint8(imgs))
     if log_progress:
-      done = (i - first_call + 1) * per_call
-      rate = done / (time.time() - start)
-      logging.info(
-          "sampled %d/%d images (%.2f images/s, ETA %.0f s)",
-          min(done, num_samples),
-          num_samples,
-          rate,
-          max(num_samples - done, 0) / rate,
-      )
+      logging.info("sampled %s", drawn.report(min((i - first_call + 1) * per_call, num_samples)))
   y = np.concatenate(out_labels)[:num_samples] if labels is not None else None
   return np.concatenate(out)[:num_samples], y
 
@@ -149,7 +156,7 @@ def sampler_settings(config) -> dict:
   """
   s = config.sampling
   out = dict(sampler=s.sampler, num_timesteps=state_lib.sampling_steps(config), seed=int(s.seed))
-  if s.sampler == "dpm_solver++":
+  if s.sampler in state_lib.DPM_SOLVERS:
     out.update(timestep_spacing=s.timestep_spacing, thresholding=bool(s.thresholding))
   else:
     out.update(
@@ -168,7 +175,9 @@ def sample_tag(config, step: int) -> str:
   samples drawn another way get another file instead of overwriting earlier ones.
   """
   got = sampler_settings(config)
-  name = {"dpm_solver++": "dpmpp"}.get(got["sampler"], got["sampler"])
+  name = {"dpm_solver++": "dpmpp", "dpm_solver++_sde": "dpmppsde"}.get(
+      got["sampler"], got["sampler"]
+  )
   tag = f"step{step}_{name}{got['num_timesteps']}"
   if got["sampler"] == "ddim":
     tag += f"_eta{got['eta']:g}"

@@ -8,8 +8,14 @@ import os
 import shutil
 import tempfile
 
-import jax
-import pytest
+# libtpu (requirements-tpu.txt) is loaded by every JAX process and takes a lock
+# that only one process may hold; none of them runs on a TPU here, and the
+# compile tests need it in the test process and in main.py's.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   jax.config.update("jax_num_cpu_devices", 8)

@@ -100,7 +100,7 @@ def test_main_is_thin():
 
 
 def test_the_library_reads_no_config_field_with_get():
-  """Every field is defined in configs/default.py, so the library reads them as attributes."""
+  """Every field is defined in config_schema.py, so the library reads them as attributes."""
   offenders = []
   for module, path in _modules().items():
     with open(path) as f:
@@ -111,13 +111,27 @@ def test_the_library_reads_no_config_field_with_get():
 
 
 def test_every_default_field_has_a_comment():
-  """configs/default.py: each field's line is preceded by its comment."""
-  with open(os.path.join(ROOT, "configs", "default.py")) as f:
+  """ddpm_jax/config_schema.py: each field's line is preceded by its comment."""
+  with open(os.path.join(PACKAGE, "config_schema.py")) as f:
     lines = f.read().splitlines()
   fields = [i for i, l in enumerate(lines) if re.match(r"\s+\w+\.\w+ = ", l)]
   assert len(fields) > 60
   uncommented = [lines[i] for i in fields if not lines[i - 1].strip().startswith("#")]
   assert not uncommented, uncommented
+
+
+def test_the_library_needs_no_checkout():
+  """No module edits sys.path nor imports the repository's configs/ (an installed package works)."""
+  offenders = []
+  for module, path in _modules().items():
+    with open(path) as f:
+      text = f.read()
+    for pattern in (
+        r"sys\.path\.(insert|append|extend)|sys\.path\s*=",
+        r"^\s*(from|import) configs\b",
+    ):
+      offenders += [f"{module}: {m.group(0)}" for m in re.finditer(pattern, text, re.M)]
+  assert not offenders, offenders
 
 
 def test_every_file_is_formatted_with_pyink():

@@ -225,6 +225,35 @@ def test_guidance_zero_is_plain_conditional_sampling_bit_for_bit(conditional_mod
   )  # guidance does change the samples
 
 
+@pytest.mark.slow  # the module fixture compiles the conditional U-Net
+def test_the_sde_solver_samples_a_guided_model_through_make_p_sample(conditional_model):
+  """sampling.sampler='dpm_solver++_sde' reaches the SDE loop with the guided network, the
+  full process and the device's key, as the other samplers do."""
+  config, model, params = conditional_model
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.sampling.sampler, config.sampling.num_steps = "dpm_solver++_sde", 5
+  config.sampling.guidance_scale, config.sampling.timestep_spacing = 1.0, "logsnr"
+  diffusion = state_lib.build_sampling_diffusion(config)
+  assert diffusion.num_timesteps == config.diffusion.num_timesteps
+  d = jax.local_device_count()
+  labels = np.arange(2 * d, dtype=np.int32).reshape(d, 2) % 10
+  p_sample = sample.make_p_sample(model, diffusion, config, per_device_batch=2)
+  key = jax.random.PRNGKey(7)
+  got = np.asarray(p_sample(state_lib.replicate(params), jnp.broadcast_to(key, (d, 2)), labels))
+  labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
+  want = samplers.dpm_solver_sde_sample_loop(
+      diffusion,
+      guidance.guided_model_fn(labelled, jnp.asarray(labels[0]), 10, 1.0),
+      (2, 8, 8, 1),
+      jax.random.fold_in(key, 0),
+      num_steps=5,
+      spacing="logsnr",
+  )
+  # The CPU kernels and the samplers' compile options (on by default) change float rounding:
+  # values here reach ~50, so the tolerance is relative too.
+  np.testing.assert_allclose(got[0], np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------
 # Importance-sampled timesteps
 # ----------------------------------------------------------------------------

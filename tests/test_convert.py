@@ -17,6 +17,8 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from ddpm_jax import errors  # pylint: disable=g-import-not-at-top
 from ddpm_jax.convert import diffusers as convert  # pylint: disable=g-import-not-at-top
 from ddpm_jax.models.unet import count_params  # pylint: disable=g-import-not-at-top
 from ddpm_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
@@ -510,6 +513,33 @@ def test_released_configs_accept_the_released_architecture(name):
       functools.partial(state_lib.init_params, model, config), jax.random.PRNGKey(0)
   )
   assert count_params(target) == (35_746_307 if name == "ddpm_cifar10" else 113_673_219)
+
+
+def test_the_config_lookup_works_from_another_working_directory(tmp_path):
+  """--config_name=ddpm_cifar10 finds the checkout's configs/ whatever the working directory."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = (
+      "import sys\n"
+      f"sys.path.insert(0, {root!r})\n"
+      "from ddpm_jax.convert import diffusers\n"
+      f"sys.path.remove({root!r})  # configs/ is no longer importable from sys.path\n"
+      "assert 'configs' not in sys.modules\n"
+      "config = diffusers._load_config_module('ddpm_cifar10')\n"
+      "print(config.model.ch, config.model.ch_mult, config.diffusion.model_var_type)\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  r = subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.strip() == "128 (1, 2, 2, 2) fixedlarge"
+  with pytest.raises(errors.ConfigError, match=r"--config_name=nope: there is no .*nope\.py"):
+    convert._load_config_module("nope")
 
 
 # ----------------------------------------------------------------------------

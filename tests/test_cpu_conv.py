@@ -58,7 +58,8 @@ def np_weight_grad(x, dy, ksize, strides, padding):
 
 
 def assert_conv_matches_numpy(fn, x, kernel, strides, padding, rng):
-  """``fn(x, kernel, strides, padding)``, its weight and its input gradient against float64 numpy.
+  """``fn(x, kernel, strides, padding)``, its weight and its input gradient, and its forward-mode
+  derivative against float64 numpy.
 
   Returns the jitted gradient function (of x and kernel) it checked.
   """
@@ -79,6 +80,13 @@ def assert_conv_matches_numpy(fn, x, kernel, strides, padding, rng):
       np.sum(probe * np.asarray(dx, np.float64)),
       rtol=1e-4,
   )
+  # Forward mode: the convolution is bilinear, so its tangent is conv(dx, k) + conv(x, dk).
+  dx, dk = rng.randn(*x.shape).astype(np.float32), rng.randn(*kernel.shape).astype(np.float32)
+  jvp = jax.jit(lambda *a: jax.jvp(lambda x, k: fn(x, k, strides, padding), a[:2], a[2:]))
+  y, tangent = jvp(*map(jnp.asarray, (x, kernel, dx, dk)))
+  ref_t = np_conv(dx, kernel, strides, padding) + np_conv(x, dk, strides, padding)
+  np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+  np.testing.assert_allclose(np.asarray(tangent), ref_t, atol=1e-5 * np.abs(ref_t).max(), rtol=0)
   return grad
 
 

@@ -49,7 +49,8 @@ def test_kernel_transform_is_g_g_gt_per_component():
     ],
 )
 def test_values_and_gradients_match_numpy(shape):
-  """Forward, input gradient and kernel gradient against float64 sums over taps."""
+  """Forward, input gradient, kernel gradient and forward-mode tangent against float64 sums over
+  taps."""
   b, h, w, c_in, c_out = shape
   rng = np.random.RandomState(1)
   x = rng.randn(b, h, w, c_in).astype(np.float32)
@@ -71,6 +72,15 @@ def test_values_and_gradients_match_numpy(shape):
   flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
   ref_dx = np_conv(dy, flipped, (1, 1), "SAME")
   np.testing.assert_allclose(dx, ref_dx, atol=5e-5 * np.abs(ref_dx).max(), rtol=0)
+
+  # Forward mode (jax.jvp, jax.linearize): the tangent of the bilinear map is
+  # conv(dx, k) + conv(x, dk).
+  tx, tk = rng.randn(*x.shape).astype(np.float32), rng.randn(*kernel.shape).astype(np.float32)
+  ref_t = np_conv(tx, kernel, (1, 1), "SAME") + np_conv(x, tk, (1, 1), "SAME")
+  _, tangent = jax.jit(lambda *a: jax.jvp(winograd.conv3x3, a[:2], a[2:]))(x, kernel, tx, tk)
+  np.testing.assert_allclose(tangent, ref_t, atol=5e-5 * np.abs(ref_t).max(), rtol=0)
+  lin = jax.jit(lambda *a: jax.linearize(winograd.conv3x3, *a[:2])[1](*a[2:]))(x, kernel, tx, tk)
+  np.testing.assert_allclose(lin, ref_t, atol=5e-5 * np.abs(ref_t).max(), rtol=0)
 
 
 def test_transposes_are_adjoints():

@@ -391,7 +391,8 @@ def test_cli_misspelled_override_names_the_field():
       err,
       (
           "error: --config.training.batchsize: the config has no field 'training.batchsize' (did you "
-          "mean --config.training.batch_size?); the fields are listed in configs/default.py"
+          "mean --config.training.batch_size?); the fields are listed in "
+          "ddpm_jax/config_schema.py"
       ),
   )
 
@@ -403,7 +404,8 @@ def test_cli_misspelled_section_and_bad_literal_and_missing_config_file():
       err,
       (
           "error: --config.trainin.batch_size: the config has no field 'trainin.batch_size' (did you "
-          "mean --config.training.batch_size?); the fields are listed in configs/default.py"
+          "mean --config.training.batch_size?); the fields are listed in "
+          "ddpm_jax/config_schema.py"
       ),
   )
   rc, err = cli("--config.training.batch_size=abc", workdir="/nonexistent-unused")
@@ -727,11 +729,13 @@ def test_settings_that_would_do_nothing_are_refused_by_name():
   )
   for sampler in ("ancestral", "ddim"):
     assert validation_error(sampling__sampler=sampler, sampling__timestep_spacing="logsnr") == (
-        "config.sampling.timestep_spacing='logsnr' is invalid: only 'dpm_solver++' uses it, not "
+        "config.sampling.timestep_spacing='logsnr' is invalid: only the DPM-Solver++ samplers ('dpm_solver++' and "
+        "'dpm_solver++_sde') use it, not "
         f"sampling.sampler={sampler!r}; leave it 'uniform'"
     )
     assert validation_error(sampling__sampler=sampler, sampling__thresholding=True) == (
-        "config.sampling.thresholding=True is invalid: only 'dpm_solver++' uses it, not "
+        "config.sampling.thresholding=True is invalid: only the DPM-Solver++ samplers ('dpm_solver++' and "
+        "'dpm_solver++_sde') use it, not "
         f"sampling.sampler={sampler!r} (which clips with sampling.clip_denoised); leave it False"
     )
   assert validation_error(eval__interp_t=101) == (

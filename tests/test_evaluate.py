@@ -233,6 +233,14 @@ def test_eval_bpd_without_checkpoint_is_a_clear_error(tmp_path):
     bpd.run_eval_bpd(small_config(), str(tmp_path))
 
 
+def test_eval_bpd_batch_the_devices_cannot_split_is_a_config_error_before_any_work(tmp_path):
+  config = small_config()
+  config.eval.batch_size = jax.local_device_count() + 1
+  # A ConfigError (one line from main.py), raised before looking for a checkpoint.
+  with pytest.raises(errors.ConfigError, match=r"^config\.eval\.batch_size=9 is invalid: must be"):
+    bpd.run_eval_bpd(config, str(tmp_path))
+
+
 # ----------------------------------------------------------------------------
 # FID / IS
 # ----------------------------------------------------------------------------
@@ -252,6 +260,18 @@ def test_samples_drawn_another_way_get_another_file(tmp_path):
   assert sample.sample_tag(dpm, 10) == "step10_dpmpp20_logsnr_seed1"  # 20 steps by default
   dpm.model.num_classes, dpm.sampling.guidance_scale, dpm.sampling.class_label = 10, 3.0, 7
   assert sample.sample_tag(dpm, 10) == "step10_dpmpp20_logsnr_w3_class7_seed1"
+  sde = test_config.get_config()
+  sde.sampling.sampler, sde.sampling.thresholding = "dpm_solver++_sde", True
+  assert sample.sample_tag(sde, 10) == "step10_dpmppsde20_thresholded_seed1"  # 20 by default
+  assert sample.sampler_settings(sde) == dict(
+      sampler="dpm_solver++_sde",
+      num_timesteps=20,
+      seed=1,
+      timestep_spacing="uniform",
+      thresholding=True,
+  )
+  sde.sampling.num_steps = 50
+  assert state_lib.build_sampling_diffusion(sde).num_timesteps == 100  # all T: picks its own times
   # Two draws that differ only in eta: both files survive, each with its own settings.
   written = {}
   for eta in (0.0, 1.0):
@@ -284,7 +304,9 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
 
   with caplog.at_level("INFO"):
     first = fid.run_eval_fid(config, workdir)
-  assert re.search(r"FID samples: 64/64 images \(call 2/2\), [\d.]+ images/s, ETA", caplog.text)
+  assert re.search(
+      r"FID samples: 64/64 images, [\d.]+ images/s, ETA 00:00:00 \(call 2/2\)", caplog.text
+  )
   path = os.path.join(workdir, "eval", f"fid_{tag}_n64.json")
   with open(path) as f:
     written = json.load(f)
@@ -352,6 +374,20 @@ def test_eval_fid_on_digits_caches_statistics_and_resumes_sample_chunks(tmp_path
     assert json.loads(str(z["settings"]))["clip_denoised"] is True
 
 
+def test_fid_user_errors_are_one_line_user_errors(tmp_path):
+  config = small_config()
+  with pytest.raises(errors.ConfigError, match="give a workdir or a stats_dir"):
+    fid.default_stats_dir(config, None)
+  # A damaged cached statistics file names itself and the remedy.
+  path = fid.reference_statistics_path(config, "test", str(tmp_path))
+  with open(path, "wb") as f:
+    f.write(b"not an npz")
+  with pytest.raises(errors.DataError) as info:
+    fid.get_reference_statistics(config, "test", str(tmp_path))
+  assert path in str(info.value) and "delete it" in str(info.value)
+  assert "\n" not in str(info.value)
+
+
 def test_fid_of_real_heldout_digits_is_far_below_that_of_noise(tmp_path):
   config = small_config()
   path = str(tmp_path / "stats.npz")
@@ -367,6 +403,71 @@ def test_fid_of_real_heldout_digits_is_far_below_that_of_noise(tmp_path):
   fid_noise = fid.fid_from_images(noise, mu, sigma, extractor)
   assert fid_real < 5.0, fid_real
   assert fid_noise > 10 * fid_real, (fid_real, fid_noise)
+
+
+class _PixelStatistics(features.FeatureExtractor):
+  """A cheap stand-in for Inception: per-channel means and standard deviations of the pixels."""
+
+  name = "pixel_statistics"
+
+  def __call__(self, images):
+    x = np.asarray(images, np.float64)
+    feats = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)  # [N, 2C]
+    logits = x.mean(axis=(1, 2)) / 32.0  # [N, C]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return feats, probs
+
+
+def test_eval_fid_on_a_streaming_tfds_source(tmp_path, cifar_metadata_dir, monkeypatch):
+  """eval_fid end to end with data.in_memory=False (the 256x256 configs' streaming iterator).
+
+  The reference statistics of both splits equal those of the raw TFDS images, and the FID
+  in the JSON is that of the drawn samples against them.
+  """
+  import tensorflow_datasets as tfds
+
+  config = small_config()
+  config.data.update(
+      dataset="cifar10", image_size=32, channels=3, data_dir=cifar_metadata_dir, in_memory=False
+  )
+  config.eval.num_fid_samples = 8
+  workdir = str(tmp_path / "run")
+  write_checkpoint(workdir, config)
+  # Samples as --mode=sample would leave them (drawing them is tested on the digits above).
+  samples = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  sample.write_samples(
+      os.path.join(workdir, "samples"),
+      samples,
+      sample.sample_tag(config, STEP),
+      fid.fid_settings(config),
+  )
+  monkeypatch.setattr(fid, "get_feature_extractor", lambda config: _PixelStatistics())
+  with tfds.testing.mock_data(
+      num_examples=40, data_dir=cifar_metadata_dir, policy=tfds.testing.MockPolicy.USE_FILES
+  ):
+    result = fid.run_eval_fid(config, workdir)
+    builder = tfds.builder("cifar10", data_dir=cifar_metadata_dir)
+    raw = {
+        split: tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))[
+            "image"
+        ][: builder.info.splits[split].num_examples]
+        for split in ("train", "test")
+    }
+  assert {k: v.shape for k, v in raw.items()} == {
+      "train": (40, 32, 32, 3),
+      "test": (20, 32, 32, 3),
+  }
+  assert sorted(result["reference_stats_computed"]) == ["test", "train"]
+  assert result["num_samples"] == 8 and result["samples_reused"] is True
+  for split, images in raw.items():
+    mu, sigma = metrics.load_statistics(result["reference_stats"][split])
+    want_mu, want_sigma = metrics.feature_statistics(_PixelStatistics()(images)[0])
+    np.testing.assert_allclose(mu, want_mu, rtol=1e-12)
+    np.testing.assert_allclose(sigma, want_sigma, rtol=1e-12)
+  mu, sigma = metrics.feature_statistics(_PixelStatistics()(samples)[0])
+  for key, split in (("fid_train", "train"), ("fid_test", "test")):
+    ref = metrics.feature_statistics(_PixelStatistics()(raw[split])[0])
+    np.testing.assert_allclose(result[key], metrics.frechet_distance(mu, sigma, *ref), rtol=1e-9)
 
 
 @pytest.mark.slow

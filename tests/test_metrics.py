@@ -1,4 +1,4 @@
-"""Tests for ddpm_jax.metrics, ddpm_jax.models.inception and ddpm_jax.digits_classifier."""
+"""evaluation/metrics.py, models/inception.py and evaluation/digits_classifier.py."""
 
 import jax
 import jax.numpy as jnp

@@ -521,8 +521,9 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
   1. 4 steps equal 4 steps of one process with 4 devices (to float rounding);
   2. with the newest checkpoint (step 4) corrupted, both processes set it aside and resume
      from step 2;
-  3. SIGTERM to process 1 alone: both stop after the same step, write its checkpoint
-     together and exit 143 (a preempted run, not a success).
+  3. SIGTERM to process 1 alone: both stop after the same step, a log point (where the
+     processes compare their stop flags: every training.log_every_steps = 2 steps), write its
+     checkpoint together and exit 143 (a preempted run, not a success).
   """
   single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
   args = ("--config.training.num_train_steps=4", "--config.training.checkpoint_every_steps=2")
@@ -550,9 +551,9 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
       multi,
       "--config.training.num_train_steps=200",
       "--config.training.checkpoint_every_steps=2",
-      "--config.training.log_every_steps=1",
+      "--config.training.log_every_steps=2",
   )
-  _wait_for_line(*pair[0], r"step 3/200 ")
+  _wait_for_line(*pair[0], r"step 4/200 ")
   pair[1][0].send_signal(signal.SIGTERM)
   outs = _wait_pair(pair, status=143)
   for out in outs:
@@ -570,7 +571,7 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
   assert all(steps), [out[-2000:] for out in outs]
   assert "Signal 15 received" in outs[1] and "Another process received" in outs[0]
   stopped = {int(m.group(1)) for m in steps}
-  assert len(stopped) == 1 and 3 <= min(stopped) < 200, stopped
+  assert len(stopped) == 1 and 4 <= min(stopped) < 200 and min(stopped) % 2 == 0, stopped
   last = stopped.pop()
   assert complete_steps(multi)[-1] == last
   final = load(multi)

@@ -283,15 +283,150 @@ def test_dpm_solver_reaches_the_ode_endpoint_as_well_as_diffusers_and_beats_ddim
   print(spacing, {n: tuple(f"{e:.2e}" for e in v) for n, v in errs.items()})
 
 
-def test_dpm_solver_program_does_not_grow_with_the_number_of_steps():
+@pytest.mark.parametrize(
+    "loop", [sampling.dpm_solver_sample_loop, sampling.dpm_solver_sde_sample_loop]
+)
+def test_dpm_solver_program_does_not_grow_with_the_number_of_steps(loop):
   d = GaussianDiffusion(BETAS)
   sizes = {}
   for n in (10, 200):
     traced = []
-    fn = functools.partial(
-        sampling.dpm_solver_sample_loop, d, continuous_oracle(d, traced), (4, 2, 2, 1), num_steps=n
-    )
+    fn = functools.partial(loop, d, continuous_oracle(d, traced), (4, 2, 2, 1), num_steps=n)
     hlo = jax.jit(fn).lower(jax.random.PRNGKey(0)).compile().as_text()
     assert len(traced) == 1 and " while(" in hlo
     sizes[n] = sum(1 for line in hlo.splitlines() if " = " in line)
   assert sizes[200] <= sizes[10] + 10, sizes
+
+
+# ----------------------------------------------------------------------------
+# SDE-DPM-Solver++(2M) against diffusers' sde-dpmsolver++ on Gaussian data
+# ----------------------------------------------------------------------------
+
+# Per-coordinate data N(MEANS, STDS^2): the spread of small-scale coordinates is what few
+# stochastic steps lose (the last step returns the posterior mean, which under-disperses them).
+MEANS = np.array([0.3, -0.4, 0.1])
+STDS = np.array([0.5, 0.2, 0.1])
+CHAINS = 10_000
+
+
+def vector_oracle(diffusion):
+  """E[eps | x_t] for x0 ~ N(MEANS, diag STDS^2) over the last axis, at a real t
+  (log-SNR interpolated linearly in t, as continuous_oracle)."""
+  lam = jnp.asarray(sampling.log_snr(diffusion), jnp.float32)
+  m, s2 = jnp.asarray(MEANS, jnp.float32), jnp.asarray(STDS**2, jnp.float32)
+
+  def model_fn(x_t, t):
+    t = t.astype(jnp.float32)
+    lo = jnp.clip(jnp.floor(t), 0, lam.shape[0] - 1).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, lam.shape[0] - 1)
+    a = jax.nn.sigmoid(2.0 * (lam[lo] + (t - lo) * (lam[hi] - lam[lo])))
+    a = a.reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * m) / (a * s2 + 1 - a)
+
+  return model_fn
+
+
+def diffusers_sde_dpm_solver(num_steps, spacing, seed=0):
+  """diffusers' DPMSolverMultistepScheduler (sde-dpmsolver++, order 2) driven by the exact eps
+  (its own noise): samples [CHAINS, len(MEANS)]."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  sched = diffusers.DPMSolverMultistepScheduler(
+      num_train_timesteps=1000,
+      beta_start=1e-4,
+      beta_end=0.02,
+      beta_schedule="linear",
+      solver_order=2,
+      prediction_type="epsilon",
+      algorithm_type="sde-dpmsolver++",
+      timestep_spacing="linspace",
+      use_lu_lambdas=spacing == "logsnr",
+      lower_order_final=True,
+      final_sigmas_type="zero",
+  )
+  sched.set_timesteps(num_steps)
+  gen = torch.Generator().manual_seed(seed)
+  x = torch.randn((CHAINS, len(MEANS)), generator=gen)
+  for t in sched.timesteps:
+    a = AC[int(t)]
+    eps = np.sqrt(1 - a) * (x.numpy() - np.sqrt(a) * MEANS) / (a * STDS**2 + 1 - a)
+    x = sched.step(torch.from_numpy(eps.astype(np.float32)), t, x, generator=gen).prev_sample
+  return x.numpy()
+
+
+def moment_errors(x):
+  """Per-coordinate |mean - MEANS|, |var - STDS^2| and their Monte-Carlo standard errors."""
+  x = np.asarray(x, np.float64).reshape(-1, len(MEANS))
+  n, var = len(x), x.var(0, ddof=1)
+  return dict(
+      mean=np.abs(x.mean(0) - MEANS),
+      var=np.abs(var - STDS**2),
+      mean_se=np.sqrt(var / n),
+      var_se=var * np.sqrt(2 / (n - 1)),
+      ratio=var / STDS**2,
+  )
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
+def test_sde_dpm_solver_moments_match_diffusers_and_converge(spacing):
+  d = GaussianDiffusion(BETAS)
+  shape = (CHAINS, 1, 1, len(MEANS))
+  ratios = {}
+  for n in (10, 20, 50, 200):
+    ours = moment_errors(
+        jax.jit(
+            lambda key: sampling.dpm_solver_sde_sample_loop(
+                d, vector_oracle(d), shape, key, num_steps=n, spacing=spacing
+            )
+        )(jax.random.PRNGKey(n))
+    )
+    ratios[n] = np.round(ours["ratio"], 3)
+    if n == 200:
+      # Converged: the spread of every coordinate, 0.1 included, is the data's.
+      assert 0.97 <= ours["ratio"].mean() <= 1.03, ratios
+      continue
+    theirs = moment_errors(diffusers_sde_dpm_solver(n, spacing))
+    ratios[n] = (ratios[n], np.round(theirs["ratio"], 3))
+    for m in ("mean", "var"):
+      se = np.hypot(ours[f"{m}_se"], theirs[f"{m}_se"])  # of the difference of two estimates
+      assert np.all(ours[m] <= 1.1 * theirs[m] + 3 * se), (n, m, ours, theirs)
+  print(spacing, "variance ratios (ours, diffusers'):", ratios)
+
+
+def test_sde_dpm_solver_is_the_same_sampler_for_eps_x0_and_v_models():
+  """The exact eps rewritten as the x0 and v a perfect network would output gives the same
+  samples from the same key; the same key gives the same samples, another key others."""
+  eps_fn = continuous_oracle(GaussianDiffusion(BETAS))
+  lam = jnp.asarray(sampling.log_snr(GaussianDiffusion(BETAS)), jnp.float32)
+
+  def alpha_sigma(t):
+    l = jnp.interp(t.astype(jnp.float32), jnp.arange(1000.0), lam).reshape(-1, 1, 1, 1)
+    return jnp.sqrt(jax.nn.sigmoid(2 * l)), jnp.sqrt(jax.nn.sigmoid(-2 * l))
+
+  def x0_fn(x, t):
+    a, s = alpha_sigma(t)
+    return (x - s * eps_fn(x, t)) / a
+
+  def v_fn(x, t):
+    a, s = alpha_sigma(t)
+    return a * eps_fn(x, t) - s * x0_fn(x, t)
+
+  out = {}
+  for kind, fn in (("eps", eps_fn), ("x0", x0_fn), ("v", v_fn)):
+    d = GaussianDiffusion(BETAS, model_mean_type=kind)
+    out[kind] = np.asarray(
+        sampling.dpm_solver_sde_sample_loop(
+            d, fn, (64, 1, 1, 1), jax.random.PRNGKey(1), num_steps=20, spacing="logsnr"
+        )
+    )
+  np.testing.assert_allclose(out["x0"], out["eps"], atol=1e-4)
+  np.testing.assert_allclose(out["v"], out["eps"], atol=1e-4)
+  d = GaussianDiffusion(BETAS)
+  again = sampling.dpm_solver_sde_sample_loop(
+      d, eps_fn, (64, 1, 1, 1), jax.random.PRNGKey(1), num_steps=20, spacing="logsnr"
+  )
+  np.testing.assert_array_equal(np.asarray(again), out["eps"])
+  other = sampling.dpm_solver_sde_sample_loop(
+      d, eps_fn, (64, 1, 1, 1), jax.random.PRNGKey(2), num_steps=20, spacing="logsnr"
+  )
+  assert float(np.abs(np.asarray(other) - out["eps"]).max()) > 0.1

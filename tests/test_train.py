@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from PIL import Image
 import pytest
 
 from configs import test as test_config
+from ddpm_jax import config_loading
 from ddpm_jax import images as image_lib
 from ddpm_jax.data import order, pipeline, sources
 from ddpm_jax.training import checkpoint, loop
@@ -131,14 +133,46 @@ def test_auto_choices_follow_the_cpu_kernels(field, on_cpu, elsewhere):
   """'auto' takes the CPU choice only with model.cpu_kernels on a CPU; an explicit value is kept."""
   config = test_config.get_config()
   choose = getattr(step_lib, field)  # step_lib.multi_step_loop / step_lib.grad_all_reduce
-  assert config.training[field] == "auto" and not config.model.cpu_kernels
-  assert choose(config, "cpu") == elsewhere  # the default program is the standard one
-  config.model.cpu_kernels = True
+  assert config.training[field] == "auto" and config.model.cpu_kernels is True  # the defaults
   assert choose(config, "cpu") == on_cpu
   assert choose(config, "tpu") == elsewhere
   assert choose(config, "gpu") == elsewhere
+  config.model.cpu_kernels = False
+  assert choose(config, "cpu") == elsewhere  # the plain model's program is the standard one
+  config.model.cpu_kernels = True
   config.training[field] = elsewhere
   assert choose(config, "cpu") == elsewhere
+
+
+def test_every_config_builds_the_cpu_kernels_for_a_cpu_only():
+  """model.cpu_kernels is on in configs/default.py and every config file inherits it: a program
+  built for the CPU (this test's backend) traces the kernels' convolutions (``cpu.conv.conv2d``
+  and ``cpu.winograd.conv3x3``, custom_jvp functions); one built for a TPU or GPU, or with the
+  setting off, is the plain Flax model, which has none."""
+  paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+  paths = [p for p in paths if "def get_config():" in open(p).read()]  # not the helpers
+  assert len(paths) > 10
+  for path in paths:
+    assert config_loading.load_file(path).model.cpu_kernels is True, path
+  config = test_config.get_config()
+  assert jax.default_backend() == "cpu"
+  assert state_lib.cpu_kernels_active(config) and state_lib.cpu_kernels_active(config, "cpu")
+  assert not state_lib.cpu_kernels_active(config, "tpu")
+  assert not state_lib.cpu_kernels_active(config, "gpu")
+
+  def kernel_convs(model):
+    x, t = jnp.zeros((2, 8, 8, 1), jnp.float32), jnp.zeros((2,), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t)
+    jaxpr = str(jax.make_jaxpr(model.apply)(params, x, t))
+    return re.findall(r"custom_jvp_call\[\s*name=(conv2d|conv3x3)\b", jaxpr)
+
+  assert state_lib.build_model(config).cpu_kernels
+  assert len(kernel_convs(state_lib.build_model(config))) > 10
+  assert not state_lib.build_model(config, "tpu").cpu_kernels
+  assert kernel_convs(state_lib.build_model(config, "tpu")) == []
+  config.model.cpu_kernels = False
+  assert not state_lib.build_model(config).cpu_kernels
+  assert kernel_convs(state_lib.build_model(config)) == []
 
 
 @pytest.mark.slow
@@ -262,7 +296,9 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   assert int(a.step) == int(b.step) == 4
   assert_states_equal(a, b)
   # The console shows progress and TensorBoard events are written.
-  assert "steps/s" in r.stderr and "images/s" in r.stderr and "ETA" in r.stderr
+  assert re.search(
+      r"step 4/4 .* [\d.]+ steps/s  [\d.]+ images/s  ETA 00:00:00\n", r.stderr
+  ), r.stderr[-3000:]
   assert glob.glob(os.path.join(part, "events.out.tfevents.*"))
 
   # --mode=sample writes the documented files from the EMA parameters.
@@ -279,7 +315,9 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   assert len(npz) == 1 and len(png) == 1
   # The count and the batch, which change the images, are in the name.
   assert os.path.basename(npz[0]) == "samples_step4_ancestral100_seed1_n6_bs4.npz"
-  assert re.search(r"sampled 4/6 images \([\d.]+ images/s, ETA \d+ s\)", r.stderr), r.stderr
+  assert re.search(
+      r"sampled 4/6 images, [\d.]+ images/s, ETA \d\d:\d\d:\d\d\n", r.stderr
+  ), r.stderr[-3000:]
   assert "Given directory is read only" not in r.stderr  # orbax's notice is not shown
   images = np.load(npz[0])["images"]
   assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
@@ -305,15 +343,14 @@ def test_labels_and_loss_aware_t_do_not_depend_on_the_device_count():
 @pytest.mark.slow
 def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path):
   """2 + 2 steps in two processes equal 4 steps in one, bit for bit, with labels, label dropout,
-  the t history (which the checkpoint carries) and model.cpu_kernels on, in processes where
-  nothing is measured. The checkpoint records the kernels: resuming without them is warned about
-  by name; resuming with another t_sampler is refused by name."""
+  the t history (which the checkpoint carries) and the CPU kernels (the default on a CPU), in
+  processes where nothing is measured. The checkpoint records the kernels: resuming without
+  them is warned about by name; resuming with another t_sampler is refused by name."""
   env = {"XLA_FLAGS": _xla_flags(2)}
   args = (
       "--config.model.num_classes=10",
       "--config.training.t_sampler=loss_aware",
       "--config.training.p_uncond=0.3",
-      "--config.model.cpu_kernels=True",
   )
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
   # The full run also draws a grid at step 4: 20 samples, the 10 classes in turn.
@@ -328,7 +365,6 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
     assert im.size == (2 * 33 + 1, 10 * 33 + 1)
   config = test_config.get_config()
   config.model.num_classes, config.training.t_sampler = 10, "loss_aware"
-  config.model.cpu_kernels = True
   a, b = _final_state(full, config), _final_state(part, config)
   assert int(a.step) == int(b.step) == 4 and int(np.sum(b.t_history["count"])) == 4 * 8
   assert_states_equal(a, b)  # t_history included
@@ -341,10 +377,33 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
   assert "config.training.t_sampler='loss_aware', the config says 'uniform'" in r.stderr
   # The warning comes with the restore, before any program is built: a run with nothing
   # left to train shows it without compiling the plain model.
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=4", *args[:3], env=env)
+  r = _main(
+      f"--workdir={part}",
+      "--config.training.num_train_steps=4",
+      *args,
+      "--config.model.cpu_kernels=False",
+      env=env,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert "trained with the CPU kernels on, this run has them off" in r.stderr
   assert "workdir is at step 4 >= num_train_steps 4: nothing to train" in r.stderr
+
+
+def test_a_checkpoint_of_the_plain_model_resumes_with_the_kernels_and_a_warning(caplog):
+  """Checkpoints from before the kernels were the default record model.cpu_kernels_active=False;
+  resuming one with the default on a CPU goes on with the kernels and says so by name. One
+  that records the same setting, or none (older still), is resumed without a word."""
+  config = test_config.get_config()  # the default: kernels on, on this CPU
+  with caplog.at_level(logging.WARNING):
+    checkpoint._warn_if_cpu_kernels_differ({checkpoint.CPU_KERNELS_KEY: False}, config, 7)
+  assert "step 7 was trained with the CPU kernels off, this run has them on" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    checkpoint._warn_if_cpu_kernels_differ({checkpoint.CPU_KERNELS_KEY: True}, config, 7)
+    checkpoint._warn_if_cpu_kernels_differ({}, config, 7)
+    config.model.cpu_kernels = False
+    checkpoint._warn_if_cpu_kernels_differ({checkpoint.CPU_KERNELS_KEY: False}, config, 7)
+  assert "CPU kernels" not in caplog.text
 
 
 @pytest.mark.slow
@@ -360,7 +419,6 @@ def test_cifar10_config_runs_two_steps_on_mock_data(tmp_path, cifar_metadata_dir
   config.training.checkpoint_every_steps = 2
   config.training.sample_every_steps = 0
   config.data.data_dir = cifar_metadata_dir
-  config.model.cpu_kernels = True  # as one would on a CPU: XLA:CPU's plain convs are far slower
   with tfds.testing.mock_data(
       num_examples=16, data_dir=cifar_metadata_dir, policy=tfds.testing.MockPolicy.USE_FILES
   ):

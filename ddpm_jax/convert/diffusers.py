@@ -48,8 +48,6 @@ Correspondence (diffusers ``up_blocks[k]`` is our level ``L-1-k``)::
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -62,7 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import config_validation, errors, files
+from ddpm_jax import config_loading, config_schema, config_validation, errors, files
 from ddpm_jax.models.unet import count_params
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
@@ -86,6 +84,11 @@ __all__ = [
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHTS_BIN_NAME = "diffusion_pytorch_model.bin"
+
+# The experiment configs of the checkout this package is in (repository/ddpm_jax/convert/).
+CONFIGS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"
+)
 
 # Known released models: a word in the folder name -> the config in configs/.
 KNOWN_CONFIGS = (
@@ -497,19 +500,22 @@ def model_fields_from_diffusers(cfg: dict) -> dict:
 
 
 def _load_config_module(name: str) -> ml_collections.ConfigDict:
-  """``name``: a module of configs/ ('ddpm_cifar10') or the path of a config .py file."""
+  """``name``: a config of the repository's configs/ ('ddpm_cifar10') or the path of a .py file.
+
+  configs/ is that of the checkout holding this package (``CONFIGS_DIR``), found
+  from any working directory; an installed package has none, so it takes paths.
+  """
   if name.endswith(".py") or os.sep in name:
-    spec = importlib.util.spec_from_file_location("_convert_base_config", name)
-    if spec is None or not os.path.isfile(name):
+    if not os.path.isfile(name):
       raise errors.WeightsNotFoundError(f"--config_name={name}: no such config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path = name
   else:
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if repo_root not in sys.path:
-      sys.path.insert(0, repo_root)
-    module = importlib.import_module(f"configs.{name}")
-  return module.get_config()
+    path = os.path.join(CONFIGS_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+      raise errors.ConfigError(
+          f"--config_name={name}: there is no {path}; give the path of a config .py file"
+      )
+  return config_loading.load_file(path, flag=f"--config_name={name}")
 
 
 def guess_config_name(src: str, fields: dict) -> Optional[str]:
@@ -631,7 +637,7 @@ def build_config(
           f"{theirs!r}; pick the config of this model or leave --config_name out",
       )
   else:
-    config = _load_config_module("default")
+    config = config_schema.get_config()
     config.model.ch = fields["ch"]
     config.model.ch_mult = fields["ch_mult"]
     config.model.num_res_blocks = fields["num_res_blocks"]

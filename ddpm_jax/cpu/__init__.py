@@ -1,9 +1,11 @@
-"""Kernels that make the U-Net faster on XLA:CPU, used only when asked for.
+"""Kernels that make the U-Net faster on XLA:CPU, in every program built for a CPU.
 
-``config.model.cpu_kernels=True`` on a CPU backend builds the U-Net with
-``cpu_kernels=True`` (``ddpm_jax.training.state.build_model``); on GPU and TPU,
-and with the default ``False``, the model is the plain Flax program and none of
-this package is in it. What changes with it on:
+``config.model.cpu_kernels`` is on by default: a program built for a CPU
+backend gets the U-Net with ``cpu_kernels=True``, one built for GPU or TPU the
+plain Flax model, with none of this package in it (``ddpm_jax.training.state``:
+``cpu_kernels_active(config, platform)`` decides, ``build_model`` applies it).
+``--config.model.cpu_kernels=False`` gives the plain model on a CPU too. What
+changes with it on:
 
 * ``conv.py``: 3x3 convs by Winograd's F(4x4, 3x3) (``winograd.py``) at 16x16
   and above with enough channels, as one matrix product on outputs of at most
@@ -22,6 +24,8 @@ this package is in it. What changes with it on:
 
 Every choice is a function of the config and static shapes: nothing is timed,
 so a resumed run computes the same program. The kernels change float rounding
-only (dropout: not even that); the setting is recorded in each checkpoint.
-Measurements: docs/performance.md.
+only (dropout: not even that); the setting is recorded in each checkpoint and
+in the start-up log. The convolutions' hand-written backward passes keep
+forward-mode differentiation (``jax.jvp``, ``jax.linearize``) working
+(``autodiff.py``). Measurements: docs/performance.md.
 """

@@ -68,6 +68,10 @@ class CompiledWithOptions:
       self._cache[sig] = compiled
     return compiled
 
+  def lower(self, *args):
+    """The wrapped function lowered for these arguments (``jax.ShapeDtypeStruct`` leaves work)."""
+    return self._fn.lower(*args)
+
   def __call__(self, *args):
     if not self._options:
       return self._fn(*args)

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax.cpu import autodiff
 from ddpm_jax.cpu import winograd
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
@@ -91,7 +92,7 @@ def chunked_weight_grad(
   return total.astype(kernel.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def conv2d(
     x: jax.Array, kernel: jax.Array, strides: tuple = (1, 1), padding: Padding = "SAME"
 ) -> jax.Array:
@@ -105,7 +106,8 @@ def conv2d(
   Returns ``[B, H', W', Cout]``: the convolution, exactly as lax computes it.
   The gradient with respect to x is lax's; with respect to the kernel it is
   summed over chunks of :func:`weight_grad_chunk` examples (equal to lax's up
-  to float rounding).
+  to float rounding). Forward mode (``jax.jvp``, ``jax.linearize``) works too:
+  its tangent is the transpose of that backward pass (``autodiff.defvjp``).
   """
   return _plain(x, kernel, strides, padding)
 
@@ -124,7 +126,7 @@ def _conv2d_bwd(strides, padding, residuals, dy):
   return dx, dk
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+autodiff.defvjp(conv2d, _conv2d_fwd, _conv2d_bwd)
 
 
 def _pads_and_output_size(x_shape, k_shape, strides, padding):

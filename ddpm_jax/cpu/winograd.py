@@ -16,9 +16,9 @@ the kernel transform is one small matrix product.
 On the 2-core development host, XLA:CPU's own convolution runs near the core's
 peak, so this wins by doing fewer FLOPs, not faster ones. Where it helps is
 decided by :func:`applies` (measured with ``benchmarks/winograd_conv.py``).
-The backward pass is written by hand (a ``custom_vjp``): the gradient of the
-transforms is another set of adds, and both gradients are again 36 matrix
-products of the same sizes.
+The backward pass is written by hand (``autodiff.defvjp``, which keeps
+``jax.jvp`` working): the gradient of the transforms is another set of adds,
+and both gradients are again 36 matrix products of the same sizes.
 
 Numerics: the transforms scale values by up to 8x and add them, so the result
 differs from a direct convolution by rounding only: the largest error was
@@ -38,6 +38,8 @@ from typing import List, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ddpm_jax.cpu import autodiff
 
 # Input transform B^T [6, 6], kernel transform G [6, 3], output transform A^T [4, 6].
 BT = np.array(
@@ -241,7 +243,7 @@ def _products(v: jax.Array, u: jax.Array) -> jax.Array:
   return jnp.einsum("ptc,pco->pto", v, u, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """A 3x3, stride-1, 'SAME' convolution in NHWC / HWIO by F(4x4, 3x3).
 
@@ -271,4 +273,4 @@ def _conv3x3_bwd(residuals, dy):
   return input_transform_transpose(dv, x_shape), kernel_transform_transpose(du)
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+autodiff.defvjp(conv3x3, _conv3x3_fwd, _conv3x3_bwd)

@@ -390,10 +390,11 @@ def prefetch_to_device(
   their way while the caller works. Yields the device-resident pytrees in order.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
 
   devices = list(devices) if devices is not None else jax.local_devices()
-  sharding = NamedSharding(Mesh(np.array(devices), (axis_name,)), PartitionSpec(axis_name))
+  sharding = parallel.device_sharding(devices, axis_name)
 
   def put(x):
     x = np.asarray(x)

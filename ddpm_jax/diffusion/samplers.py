@@ -1,4 +1,4 @@
-"""Samplers: Algorithm 2 (ancestral), DDIM and DDIM inversion, each one ``lax.scan``.
+"""Samplers: Algorithm 2, DDIM, DDIM inversion, DPM-Solver++ (ODE and SDE), each one ``lax.scan``.
 
 Each loop is a pure function of (diffusion, model_fn, key): wrap it in
 ``jax.jit`` with the network parameters passed in (closed over, concrete
@@ -289,15 +289,60 @@ def dpm_solver_sample_loop(
       plain ODE solver).
   Returns: x0 [B, H, W, C].
   """
+  return _dpm_solver_loop(
+      diffusion, model_fn, shape, key, num_steps, spacing, thresholding, noise, sde=False
+  )
+
+
+def dpm_solver_sde_sample_loop(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape: Sequence[int],
+    key: jax.Array,
+    num_steps: int = 20,
+    spacing: str = "uniform",
+    thresholding: bool = False,
+    noise: Optional[jax.Array] = None,
+):
+  """SDE-DPM-Solver++(2M) (Lu et al. 2022b): the reverse SDE in ``num_steps`` calls.
+
+  With lambda = log(alpha / sigma) and h = lambda_next - lambda, a step from x
+  (at alpha, sigma) to (alpha_n, sigma_n) is
+
+    x_n = (sigma_n / sigma) e^{-h} x + alpha_n (1 - e^{-2h}) D + sigma_n sqrt(1 - e^{-2h}) z,
+
+  D = x0 (first order: then it is the DDPM posterior q(x_n | x, x0) with x0
+  predicted, i.e. DDIM at eta = 1) or x0 + (x0 - x0_prev) / (2 r), r = h_prev / h
+  (second order, multistep); z is fresh standard normal noise. The time grid,
+  the first-order first and last steps, thresholding and the eps/x0/v
+  conversion are ``dpm_solver_sample_loop``'s; the last step lands on the data
+  prediction (sigma_n = 0, no noise).
+
+  Args: as ``dpm_solver_sample_loop``; key: x_T comes from ``fold_in(key, T)``
+    and the noise z of step k (k = 0 .. num_steps - 1, from x_T down) from
+    ``fold_in(key, k)``.
+  Returns: x0 [B, H, W, C].
+  """
+  return _dpm_solver_loop(
+      diffusion, model_fn, shape, key, num_steps, spacing, thresholding, noise, sde=True
+  )
+
+
+def _dpm_solver_loop(
+    diffusion, model_fn, shape, key, num_steps, spacing, thresholding, noise, sde: bool
+):
+  """The multistep loop of DPM-Solver++(2M): the ODE variant, or with ``sde`` the SDE one."""
   T = diffusion.num_timesteps
   times, lambdas = dpm_solver_times(diffusion, num_steps, spacing)
   x = _initial_noise(key, T, shape) if noise is None else noise
+  step_noise = _step_noise(key, shape)
   # Per step k: its time, lambda, and the next lambda (+inf after the last: sigma = 0).
   lam_next = np.append(lambdas[1:], np.inf)
   order = np.full(num_steps, 2, np.int32)
   order[0] = 1
   order[-1] = 1
   xs = dict(
+      k=jnp.arange(num_steps, dtype=jnp.int32),
       t=jnp.asarray(times, jnp.float32),
       lam=jnp.asarray(lambdas, jnp.float32),
       lam_next=jnp.asarray(lam_next, jnp.float32),
@@ -317,10 +362,18 @@ def dpm_solver_sample_loop(
       d = dynamic_threshold(d)
     h = k["lam_next"] - k["lam"]
     alpha_next, sigma_next = alpha_sigma(k["lam_next"])
-    phi = -jnp.expm1(-h)  # 1 - e^{-h}; 1 at the last step (h = inf)
     r = (k["lam"] - k["lam_prev"]) / h  # h_{k-1} / h_k
     d_mix = jnp.where(k["order"] == 2, d + 0.5 / r * (d - d_prev), d)
-    x_next = (sigma_next / sigma) * x + alpha_next * phi * d_mix
+    if sde:
+      phi = -jnp.expm1(-2.0 * h)  # 1 - e^{-2h}; 1 at the last step (h = inf)
+      x_next = (
+          (sigma_next / sigma) * jnp.exp(-h) * x
+          + alpha_next * phi * d_mix
+          + sigma_next * jnp.sqrt(phi) * step_noise(k["k"])
+      )
+    else:
+      phi = -jnp.expm1(-h)  # 1 - e^{-h}; 1 at the last step (h = inf)
+      x_next = (sigma_next / sigma) * x + alpha_next * phi * d_mix
     return (x_next, d), None
 
   (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), xs)

@@ -32,12 +32,12 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import files, workdirs
+from ddpm_jax import errors, files, progress, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
-from ddpm_jax.training.state import AXIS
+from ddpm_jax.parallel import AXIS, allgather
 
 EVAL_DIR = "eval"
 _EXAMPLE_FIELDS = ("index", "total", "prior", "decoder", "kl")
@@ -47,35 +47,19 @@ def eval_dir(workdir: str) -> str:
   return os.path.join(workdir, EVAL_DIR)
 
 
-def fmt_eta(seconds: float) -> str:
-  """'HH:MM:SS', or days for long waits."""
-  seconds = max(0.0, float(seconds))
-  if seconds >= 86400:
-    return f"{seconds / 86400:.1f} d"
-  return time.strftime("%H:%M:%S", time.gmtime(seconds))
-
-
-def allgather(tree):
-  """Stacks each process's host arrays along a new leading axis [P, ...] (P = 1: a new axis)."""
-  if jax.process_count() == 1:
-    return jax.tree.map(lambda x: np.asarray(x)[None], tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree))
-
-
 def example_bpd_key(seed: int, index) -> jax.Array:
   """The key of example ``index`` of the evaluated split for ``calc_bpd_loop``."""
   return jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
 
-def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool):
+def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool, devices=None):
   """pmap-ed bound: (params [D...], batch, index [D, b] int32) -> dict of [D, b, ...].
 
   batch: {'image': x0 [D, b, H, W, C]} (+ 'label' [D, b]). Each example runs
   ``diffusion.calc_bpd_loop`` on its own with the key ``example_bpd_key(seed,
   index)`` (vmapped, so the network still sees batches of b). Returns
   total_bpd, prior_bpd [D, b] and terms_bpd, xstart_mse [D, b, T].
+  ``devices``: default the local ones.
   """
   base_key = jax.random.PRNGKey(seed)
 
@@ -91,7 +75,9 @@ def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool):
     return jax.vmap(one)(batch["image"], batch.get("label"), index)
 
   options = compile_options.forward_options() if model.cpu_kernels else None
-  return compile_options.CompiledWithOptions(jax.pmap(one_device, axis_name=AXIS), options)
+  return compile_options.CompiledWithOptions(
+      jax.pmap(one_device, axis_name=AXIS, devices=devices), options
+  )
 
 
 class _Totals:
@@ -210,19 +196,19 @@ def run_eval_bpd(config, workdir: str) -> dict:
   """
   start_time = time.time()
   sources.check_eval_split(config.data)
-  model, params, step = checkpoint.restore_ema(config, workdir)
-  diffusion = state_lib.build_diffusion(config)
-  T = diffusion.num_timesteps
   ev, split, seed = config.eval, config.data.eval_split, int(config.eval.seed)
-  clip = bool(config.sampling.clip_denoised)
-  conditional = bool(config.model.num_classes)
   batch_size = int(ev.batch_size)
   pcount, pindex, d = jax.process_count(), jax.process_index(), jax.local_device_count()
   if batch_size % (pcount * d):
-    raise ValueError(
-        f"config.eval.batch_size={batch_size} must be divisible by "
+    raise errors.ConfigError(
+        f"config.eval.batch_size={batch_size} is invalid: must be divisible by "
         f"process_count * local_device_count = {pcount * d}"
     )
+  model, params, step = checkpoint.restore_ema(config, workdir)
+  diffusion = state_lib.build_diffusion(config)
+  T = diffusion.num_timesteps
+  clip = bool(config.sampling.clip_denoised)
+  conditional = bool(config.model.num_classes)
 
   streaming = (
       config.data.dataset in sources.TFDS_DATASETS
@@ -314,7 +300,9 @@ def run_eval_bpd(config, workdir: str) -> dict:
 
   p_bpd = make_p_bpd(model, diffusion, seed, clip)
   p_params = state_lib.replicate(params)
-  batches_computed, t_first = 0, None
+  batches_computed = 0
+  # The first batch's rate includes compilation, later ones do not.
+  examples = progress.Progress(n, "images", done=min(first_batch * batch_size, n), skip_first=True)
   for batch, index_dev in pipeline.prefetch_to_device(device_items(), 2, axis_name=AXIS):
     k, index, mask = indices.pop(0)
     got = dict(jax.device_get(p_bpd(p_params, batch, index_dev)), index=index, mask=mask)
@@ -323,27 +311,14 @@ def run_eval_bpd(config, workdir: str) -> dict:
     batches_computed += 1
     if pindex == 0:
       totals.save_partial(paths["partial"], fingerprint, k + 1)
-    now = time.time()
-    if t_first is None:
-      t_first = now  # the first batch includes compilation
-      logging.info(
-          "bits/dim batch %d/%d done (first batch, compilation included: %.1f s)",
-          k + 1,
-          num_batches,
-          now - start_time,
-      )
-    else:
-      rate = (batches_computed - 1) * batch_size / max(now - t_first, 1e-9)
-      done = np.concatenate(totals.examples["total"])
-      logging.info(
-          "bits/dim batch %d/%d: running mean %.4f over %d examples, %.2f images/s, " "ETA %s",
-          k + 1,
-          num_batches,
-          float(done.mean()),
-          done.size,
-          rate,
-          fmt_eta((num_batches - k - 1) * batch_size / max(rate, 1e-9)),
-      )
+    done = np.concatenate(totals.examples["total"])
+    logging.info(
+        "bits/dim batch %d/%d: running mean %.4f; %s",
+        k + 1,
+        num_batches,
+        float(done.mean()),
+        examples.report(min((k + 1) * batch_size, n)),
+    )
 
   count = totals.arrays()["total"].size
   if count != n:

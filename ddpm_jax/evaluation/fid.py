@@ -40,12 +40,13 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import errors, files, images as image_lib, sample, workdirs
+from ddpm_jax import errors, files, images as image_lib, progress, sample, workdirs
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.evaluation import metrics
-from ddpm_jax.evaluation.bpd import allgather, eval_dir, fmt_eta
+from ddpm_jax.evaluation.bpd import eval_dir
 from ddpm_jax.evaluation import features
 from ddpm_jax.evaluation.features import FeatureExtractor, extractor_name, get_feature_extractor
+from ddpm_jax.parallel import allgather
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
 
@@ -67,7 +68,9 @@ def default_stats_dir(config, workdir: Optional[str]) -> str:
   if d:
     return d
   if workdir is None:
-    raise ValueError("give a workdir or a stats_dir (eval.stats_dir or $DDPM_JAX_STATS_DIR)")
+    raise errors.ConfigError(
+        "give a workdir or a stats_dir (--stats_dir, eval.stats_dir or $DDPM_JAX_STATS_DIR)"
+    )
   return eval_dir(workdir)
 
 
@@ -102,26 +105,31 @@ def reference_statistics_path(config, split: str, stats_dir: str) -> str:
   )
 
 
-def _split_uint8_batches(config, split: str, max_examples: int, batch: int) -> Iterator[np.ndarray]:
-  """Consecutive uint8 [b, H, W, C] chunks of the first ``max_examples`` of a split."""
+def _split_uint8_batches(
+    config, split: str, max_examples: int, batch: int
+) -> tuple[int, Iterator[np.ndarray]]:
+  """(N, consecutive uint8 [b, H, W, C] chunks of the first N <= ``max_examples`` of a split)."""
   data = config.data
   if data.dataset in sources.TFDS_DATASETS and not data.in_memory:
-    it = pipeline.create_eval_iterator(
-        data, batch, process_index=0, process_count=1, local_device_count=1, split=split
-    )
-    seen = 0
-    for x, mask in it:
-      x = image_lib.to_uint8(x[0][mask[0]])
-      x = x[: max_examples - seen]
-      seen += x.shape[0]
-      yield x
-      if seen >= max_examples:
-        return
-  else:
-    images = sources.load_split_array(data, split, max_examples=max_examples)
-    images = images[:max_examples]
-    for lo in range(0, images.shape[0], batch):
-      yield images[lo : lo + batch]
+    n = min(max_examples, sources.num_examples(data, split))
+    return n, _streamed_uint8_batches(data, split, n, batch)
+  images = sources.load_split_array(data, split, max_examples=max_examples)[:max_examples]
+  return images.shape[0], (images[lo : lo + batch] for lo in range(0, images.shape[0], batch))
+
+
+def _streamed_uint8_batches(data, split: str, max_examples: int, batch: int):
+  """The first ``max_examples`` of a streamed TFDS split, uint8 [b, H, W, C] chunks."""
+  it = pipeline.create_eval_iterator(
+      data, batch, process_index=0, process_count=1, local_device_count=1, split=split
+  )
+  seen = 0
+  for item in it:  # {'image': [1, b, H, W, C] in [-1, 1], 'mask': [1, b]}
+    x = image_lib.to_uint8(item["image"][0][item["mask"][0]])
+    x = x[: max_examples - seen]
+    seen += x.shape[0]
+    yield x
+    if seen >= max_examples:
+      return
 
 
 def compute_reference_statistics(
@@ -141,16 +149,13 @@ def compute_reference_statistics(
   start = time.time()
   feats = []
   n = 0
-  for chunk in _split_uint8_batches(config, split, max_examples, 4096):
+  total, chunks = _split_uint8_batches(config, split, max_examples, 4096)
+  done = progress.Progress(total, "images", skip_first=True)
+  for chunk in chunks:
     f, _ = extractor(chunk)
     feats.append(f)
     n += f.shape[0]
-    logging.info(
-        "reference features of %r: %d images (%.1f images/s)",
-        split,
-        n,
-        n / max(time.time() - start, 1e-9),
-    )
+    logging.info("reference features of %r: %s", split, done.report(n))
   feats = np.concatenate(feats)
   mu, sigma = metrics.feature_statistics(feats)
   logging.info(
@@ -182,7 +187,10 @@ def get_reference_statistics(
   """Cached statistics of a split: (mu, sigma, path, computed_now)."""
   path = reference_statistics_path(config, split, stats_dir)
   if os.path.exists(path):
-    mu, sigma = metrics.load_statistics(path)
+    try:
+      mu, sigma = metrics.load_statistics(path)
+    except ValueError as e:  # a damaged or foreign file in the statistics directory
+      raise errors.DataError(f"{e}; delete it to compute the statistics again") from e
     logging.info("Using cached reference statistics %s", path)
     return mu, sigma, path, False
   mu, sigma, _ = compute_reference_statistics(config, split, path, extractor)
@@ -244,8 +252,8 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
   d = jax.local_device_count()
   per_call = int(s.batch_size)
   if per_call % d:
-    raise ValueError(
-        f"config.sampling.batch_size={per_call} must be divisible by the number "
+    raise errors.ConfigError(
+        f"config.sampling.batch_size={per_call} is invalid: must be divisible by the number "
         f"of local devices ({d})"
     )
   diffusion = state_lib.build_sampling_diffusion(config)
@@ -282,8 +290,9 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
   if todo:
     p_sample = sample.make_p_sample(model, diffusion, config, per_call // d)
     p_params = state_lib.replicate(params)
-    start = time.time()
-    for j, i in enumerate(todo):
+    done = lambda: min(len(have) * per_call, num_local)
+    drawn = progress.Progress(num_local, "images", done=done(), skip_first=True)
+    for i in todo:
       imgs, labels = sample.generate(
           p_sample,
           p_params,
@@ -296,16 +305,8 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
       )
       files.savez(chunk_path(i), images=imgs, **({} if labels is None else {"labels": labels}))
       have[i] = (imgs, labels)
-      rate = (j + 1) * per_call / (time.time() - start)  # the first call includes compilation
-      logging.info(
-          "FID samples: %d/%d images (call %d/%d), %.2f images/s, ETA %s",
-          min(len(have) * per_call, num_local),
-          num_local,
-          len(have),
-          calls,
-          rate,
-          fmt_eta((len(todo) - j - 1) * per_call / rate),
-      )
+      # The first call's rate includes compilation, later ones do not.
+      logging.info("FID samples: %s (call %d/%d)", drawn.report(done()), len(have), calls)
   images = np.concatenate([have[i][0] for i in range(first, first + calls)])[:num_local]
   labels = None
   if labels_fn:

@@ -4,8 +4,8 @@ Pure numpy/scipy; the feature extractors live elsewhere:
 
 * ``ddpm_jax.models.inception`` -- the Inception-v3 FID graph (pool3 features
   ``[N, 2048]`` and logits ``[N, 1008]``) for natural-image data sets;
-* ``ddpm_jax.digits_classifier`` -- a small MLP (features ``[N, 64]``,
-  probabilities ``[N, 10]``) for the 8x8 digits data set.
+* ``ddpm_jax.evaluation.digits_classifier`` -- a small MLP (features
+  ``[N, 128]``, probabilities ``[N, 10]``) for the 8x8 digits data set.
 
 Typical use::
 
@@ -232,7 +232,8 @@ def load_statistics(path: str | os.PathLike) -> Tuple[np.ndarray, np.ndarray]:
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"no feature-statistics file at {path!r}; create one with "
-        "ddpm_jax.metrics.save_statistics(path, *feature_statistics(features))"
+        "python -m ddpm_jax.evaluation.fid --config=CONFIG --stats_only, or with "
+        "ddpm_jax.evaluation.metrics.save_statistics(path, *feature_statistics(features))"
     )
   try:
     with np.load(path, allow_pickle=False) as data:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import errors, files, host, images, sample, workdirs
+from ddpm_jax import errors, files, host, images, parallel, progress, sample, workdirs
 from ddpm_jax.data import pipeline
 from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
@@ -73,14 +72,21 @@ class _StopFlag:
     if self._own_watcher:
       self._watcher.uninstall()
 
-  def should_stop(self) -> bool:
-    """Whether any process received a signal (all processes agree, so they stop together)."""
+  def should_stop(self, agree: bool = True) -> bool:
+    """Whether to stop after this call: at once on a signal, or together with the other processes.
+
+    Several processes compare their flags only where ``agree`` is True (the
+    loop's log points, every ``training.log_every_steps``, where it waits for
+    the device anyway to read the metrics), so the calls in between never wait
+    on a cross-process collective; a signal to any process stops all of them
+    at the next log point, after the same step.
+    """
     local = self.signum is not None
     if jax.process_count() == 1:
       return local
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+    if not agree:
+      return False
+    return parallel.any_process(local)
 
 
 def _stacked_batches(iterator, n: int, start_step: int, poison_step: int = -1):
@@ -144,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info(
       "Model: %s parameters%s; %s; %d local devices, %d processes",
       f"{sum(x.size for x in jax.tree.leaves(state.params)):,}",
-      " (CPU kernels)" if model.cpu_kernels else "",
+      " (CPU kernels on)" if model.cpu_kernels else " (CPU kernels off: the plain model)",
       diffusion,
       jax.local_device_count(),
       jax.process_count(),
@@ -177,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   last_good = stop.last_checkpoint = manager.latest_step()
   bad_in_a_row = 0
   unread = []  # device metrics not yet read back: reading syncs, so it waits for log points
-  t_log, step_log = time.time(), step
+  steps = progress.Progress(tcfg.num_train_steps, "steps", done=step)  # rate since the last log
 
   def read_metrics():
     """Reads the unread metrics, stops on non-finite steps as configured, returns means."""
@@ -231,10 +237,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       p_state, metrics = p_step(p_state, next(batches))
       unread.append((step, metrics))
       step += n
-      if crossed(tcfg.log_every_steps) or step >= tcfg.num_train_steps:
+      logged = crossed(tcfg.log_every_steps) or step >= tcfg.num_train_steps
+      if logged:
         means = read_metrics()
-        rate = (step - step_log) / max(time.time() - t_log, 1e-9)
-        eta = (tcfg.num_train_steps - step) / max(rate, 1e-9)
+        report = steps.report(step)
+        rate = report.rate
         logging.info(
             "step %d/%d  loss %.4f  grad_norm %.3f  lr %.2e  %.2f steps/s  "
             "%.1f images/s  ETA %s",
@@ -245,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             means["lr"],
             rate,
             rate * tcfg.batch_size,
-            time.strftime("%H:%M:%S", time.gmtime(eta)),
+            progress.format_duration(report.eta_s),
         )
         if writer is not None:
           for k, v in means.items():
@@ -253,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           writer.scalar("train/steps_per_sec", rate, step)
           writer.scalar("train/images_per_sec", rate * tcfg.batch_size, step)
           writer.flush()
-        t_log, step_log = time.time(), step
+        steps.restart(step)
       if crossed(tcfg.checkpoint_every_steps) and step < tcfg.num_train_steps:
         save()
         last_good = stop.last_checkpoint = step
@@ -274,13 +281,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             imgs, ncol = sample.class_rows(imgs, labels)
           images.save_grid(path, imgs, ncol)
           writer.image("samples/ema", images.display_grid(imgs, ncol)[None], step)
-        t_log = time.time()  # sampling time is not training time
-      if stop.should_stop():
+        steps.restart(step)  # sampling time is not training time
+      if stop.should_stop(agree=logged):
         if stop.signum is not None:
           logging.info("Signal %s received: checkpointing step %d and stopping.", stop.signum, step)
         else:
           logging.info(
-              "Another process received a stop signal: checkpointing step %d and " "stopping.", step
+              "Another process received a stop signal: checkpointing step %d and stopping.", step
           )
         break
     save()

@@ -3,7 +3,7 @@
 Shared by training, sampling and evaluation: the U-Net of ``config.model``, the
 diffusion of ``config.diffusion`` (the full process, or the respaced one the
 sampler walks), Adam with warm-up and clipping, the ``TrainState`` saved in
-checkpoints, and its replication over the local devices.
+checkpoints (its replication over the local devices is ``parallel.py``'s).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import optax
 from ddpm_jax.diffusion import schedules
 from ddpm_jax.diffusion.gaussian import GaussianDiffusion, respaced
 from ddpm_jax.models.unet import UNet
-from ddpm_jax.training import timesteps
 
-# The pmap axis of every sharded program (and the name of the 1-D device mesh).
-AXIS = "batch"
+# Re-exported: programs (and code written against earlier versions) import them from here.
+from ddpm_jax.parallel import AXIS, device_sharding, replicate, unreplicate  # pylint: disable=unused-import
+from ddpm_jax.training import timesteps
 
 
 @flax.struct.dataclass
@@ -49,9 +49,12 @@ class TrainState:
 
 
 def cpu_kernels_active(config: ml_collections.ConfigDict, platform: Optional[str] = None) -> bool:
-  """Whether ``config.model.cpu_kernels`` is in effect: asked for and the backend is the CPU.
+  """Whether a program built for ``platform`` uses the CPU kernels (``ddpm_jax/cpu``).
 
-  ``platform``: 'cpu', 'gpu' or 'tpu' (default: JAX's default backend).
+  True when ``config.model.cpu_kernels`` is on (the default) and ``platform`` is
+  'cpu'; a program for 'gpu' or 'tpu' is the plain model whatever the config
+  says. ``platform``: the platform the program is compiled for (default: JAX's
+  default backend; a program compiled ahead of time for another one passes it).
   """
   return bool(config.model.cpu_kernels) and (platform or jax.default_backend()) == "cpu"
 
@@ -84,6 +87,8 @@ def build_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
 
 
 DPM_SOLVER_DEFAULT_STEPS = 20
+# The samplers that pick their own times on the full process (DPM-Solver++, ODE and SDE).
+DPM_SOLVERS = ("dpm_solver++", "dpm_solver++_sde")
 
 
 def sampling_steps(config: ml_collections.ConfigDict) -> int:
@@ -91,17 +96,17 @@ def sampling_steps(config: ml_collections.ConfigDict) -> int:
   s = config.sampling
   if s.num_steps:
     return int(s.num_steps)
-  return DPM_SOLVER_DEFAULT_STEPS if s.sampler == "dpm_solver++" else config.diffusion.num_timesteps
+  return DPM_SOLVER_DEFAULT_STEPS if s.sampler in DPM_SOLVERS else config.diffusion.num_timesteps
 
 
 def build_sampling_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
   """The process the sampler walks: all T steps, or the respaced subset of ``sampling.num_steps``.
 
-  DPM-Solver++ always gets the full process (it picks its own times).
+  DPM-Solver++ (ODE and SDE) always gets the full process (it picks its own times).
   """
   betas = get_betas(config)
   s = config.sampling
-  if s.sampler == "dpm_solver++" or not s.num_steps or s.num_steps == len(betas):
+  if s.sampler in DPM_SOLVERS or not s.num_steps or s.num_steps == len(betas):
     return GaussianDiffusion(betas, **_diffusion_kwargs(config))
   spec = f"ddim{s.num_steps}" if s.sampler == "ddim" else str(s.num_steps)
   return respaced(betas, schedules.space_timesteps(len(betas), spec), **_diffusion_kwargs(config))
@@ -211,46 +216,3 @@ def make_model_fn(model: UNet, params, train: bool = False, dropout_keys=None, l
   return lambda x, t: model.apply(
       {"params": params}, x, t, labels, train=True, dropout_keys=dropout_keys
   )
-
-
-def device_sharding(devices=None) -> jax.sharding.NamedSharding:
-  """Leading axis split over ``devices`` (default: the local ones), on a mesh named ``AXIS``.
-
-  The name matters: jax 0.10 treats a mesh with another axis name as another
-  sharding and re-lays the arrays out on every pmap call.
-  """
-  devices = list(devices or jax.local_devices())
-  return jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.sharding.PartitionSpec(AXIS)
-  )
-
-
-def replicate(tree, devices=None):
-  """One copy per local device (or per device of ``devices``): leaves [D, ...], ready for pmap.
-
-  Each leaf goes to the host once and from there to each device as that
-  device's shard (``flax.jax_utils.replicate``'s layout, without its per-shape
-  compiled stack).
-  """
-  devices = list(devices or jax.local_devices())
-  sharding = device_sharding(devices)
-
-  def one(x):
-    x = np.asarray(x)[None]
-    return jax.make_array_from_single_device_arrays(
-        (len(devices),) + x.shape[1:], sharding, [jax.device_put(x, d) for d in devices]
-    )
-
-  return jax.tree_util.tree_map(one, tree)
-
-
-def unreplicate(tree):
-  """The first local device's copy, as numpy arrays on the host (works multi-process)."""
-
-  def first(x):
-    if not isinstance(x, jax.Array):
-      return np.asarray(x)[0]
-    shard = np.asarray(x.addressable_shards[0].data)
-    return shard[0] if shard.ndim == x.ndim else shard  # the shard may keep the device axis
-
-  return jax.tree.map(first, tree)
