@@ -20,12 +20,6 @@ from ddpm_jax.cpu import malloc
 _NOISE = ("Given directory is read only",)
 
 
-def fail(message) -> None:
-  """The one line ``error: ...`` on stderr, exit status 1 (main.py's way to report a UserError)."""
-  print("error: " + " ".join(str(message).split()), file=sys.stderr)
-  sys.exit(1)
-
-
 class _OwnInfoOnly(logging.logging.Filter):
   """INFO lines of ddpm_jax only: orbax, TF and JAX log every file they touch."""
 
@@ -46,7 +40,8 @@ def setup_logging(workdir: Optional[str] = None) -> None:
 
 
 def fail(message, log: bool = False) -> None:
-  """The one line ``error: ...`` on stderr, exit status 1; with ``log``, also in workdir/log.INFO.
+  """The one line ``error: ...`` on stderr, exit status 1 (main.py's way to report a UserError);
+  with ``log``, also in workdir/log.INFO.
 
   ``message``: a string or an exception (logged with its type's name).
   """
