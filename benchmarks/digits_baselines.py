@@ -1,6 +1,7 @@
 """Digits FID / IS of reference image sets and of model samples, all scored the same way.
 
   python benchmarks/digits_baselines.py [--samples=A.npz,B.npz] [--num=512] [--seeds=0,1,2]
+      [--summary]
 
 Prints one JSON line per image set, scored like --mode=eval_fid on the digits
 config (the digits classifier's features and class probabilities): FID against
@@ -10,8 +11,11 @@ fid_test) and against the train split's (``fid_train``), and IS. Reference sets:
 per seed: the FID real data reaches at that sample size), ``real_heldout``
 (all 297 held-out digits: the IS to match), uniform noise and samples of a
 Gaussian fitted to the training pixels. ``--samples``: model samples (uint8
-NHWC under key 'images'), their first ``--num``; with key 'labels' (a
-class-conditional model) also the classifier's accuracy on the requested class.
+NHWC under key 'images'), their first ``--num``, each item a path or a glob
+pattern; with key 'labels' (a class-conditional model) also the classifier's
+accuracy on the requested class. ``--summary``: then one line per way of
+sampling (the files' stored settings less the seed): the seeds, per-seed FID
+(held-out), IS, class accuracy and their means, for tables over sampling seeds.
 Also per set: the classifier's mean top-class probability, the share of images
 under 0.9, and the entropy of the mean class distribution (ln 10 = 2.303 when
 balanced): IS falls with the first two and rises with the third.
@@ -26,6 +30,8 @@ order (8.78, against 8.05-8.84 for random orders).
 """
 
 import argparse
+import collections
+import glob
 import json
 import os
 import sys
@@ -45,6 +51,7 @@ def main():
   parser.add_argument("--num", type=int, default=512, help="images per set")
   parser.add_argument("--seeds", default="0,1,2", help="draws of the real_train set")
   parser.add_argument("--orders", type=int, default=100, help="random orders of the held-out IS")
+  parser.add_argument("--summary", action="store_true", help="means over seeds per sampler")
   args = parser.parse_args()
   config = digits.get_config()
   extractor = features.get_feature_extractor(config)
@@ -71,10 +78,15 @@ def main():
           None,
       )
   )
-  for path in filter(None, args.samples.split(",")):
-    with np.load(path) as z:
-      labels = z["labels"][: args.num] if "labels" in z.files else None
-      sets.append((path, z["images"][: args.num], labels))
+  settings = {}
+  for item in filter(None, args.samples.split(",")):
+    for path in sorted(glob.glob(item)) or [item]:
+      with np.load(path) as z:
+        labels = z["labels"][: args.num] if "labels" in z.files else None
+        sets.append((path, z["images"][: args.num], labels))
+        if "settings" in z.files:
+          settings[path] = json.loads(str(z["settings"]))
+  rows = []
   for name, images, labels in sets:
     feats, probs = extractor(images)
     m, s = metrics.feature_statistics(feats)
@@ -102,6 +114,28 @@ def main():
     if labels is not None:
       row["class_accuracy"] = round(float(np.mean(np.argmax(probs, axis=1) == labels)), 4)
     print(json.dumps(row))
+    rows.append(row)
+  if args.summary:
+    summarise(rows, settings)
+
+
+def summarise(rows, settings):
+  """One line per way of sampling: per-seed values and means of FID (held-out), IS, accuracy."""
+  groups = collections.defaultdict(list)
+  for row in rows:
+    if row["set"] in settings:
+      got = dict(settings[row["set"]])
+      seed = got.pop("seed")
+      groups[json.dumps(got, sort_keys=True)].append((seed, row))
+  for key, members in groups.items():
+    members.sort(key=lambda m: m[0])
+    out = dict(settings=json.loads(key), seeds=[seed for seed, _ in members])
+    for field in ("fid_test", "is_mean", "class_accuracy", "frac_top_prob_below_0.9"):
+      values = [row[field] for _, row in members if field in row]
+      if values:
+        out[field] = values
+        out[f"{field}_mean"] = round(float(np.mean(values)), 3)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

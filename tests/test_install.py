@@ -13,6 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(cmd, **kwargs):
+  # Without conftest's PYTHONPATH (the checkout): through it pip would find this checkout's
+  # ddpm_jax.egg-info and take the wheel as already installed.
+  kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
   assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
   return r.stdout
@@ -75,8 +78,7 @@ try:
 except errors.ConfigError as e:
   print("ConfigError:", e)
 """
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  lines = _run([python, "-c", code], cwd=elsewhere, env=env).splitlines()
+  lines = _run([python, "-c", code], cwd=elsewhere).splitlines()
   assert lines[0].startswith(str(venv)) and lines[0].endswith(
       os.path.join("ddpm_jax", "__init__.py")
   )
