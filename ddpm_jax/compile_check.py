@@ -268,28 +268,61 @@ def _fits(program: Program, b: int, hbm: int) -> tuple[bool, Optional[int]]:
 def largest_batch(program: Program, hbm: int, too_big: int, too_big_bytes: Optional[int]):
   """The largest per-device batch below ``too_big`` that fits in ``hbm`` bytes, found by compiling.
 
-  Memory is close to affine in the batch, so each try is the affine estimate
-  between the largest batch known to fit and the smallest known not to
-  (halving until one fits). Returns (batch or 0 if not even 1 fits, compiles made).
+  Memory is close to affine in the batch, so each try is the secant estimate
+  through the two newest compiled points (the first: a quarter of
+  ``too_big``), kept inside the bracket of the largest batch known to fit and
+  the smallest known not to, then its neighbour across the limit, which closes
+  the bracket when the estimate was right. Near the limit the TPU compiler
+  rematerialises to fit, which bends the curve; when one end of the bracket has
+  stayed put for two tries, the next try halves the bracket instead. At most
+  ``MAX_SEARCH_COMPILES`` compiles.
+
+  Returns a dict: largest_fitting (0 if not even 1 fits), largest_fitting_bytes,
+  smallest_failing (the bracket's other end), compiles, and exact
+  (smallest_failing == largest_fitting + 1).
   """
-  lo, lo_bytes, hi, hi_bytes = 0, None, too_big, too_big_bytes
-  tries = 0
-  while hi - lo > 1 and tries < MAX_SEARCH_COMPILES:
-    if lo == 0 or lo_bytes is None or hi_bytes is None:
-      b = max(1, hi // 4) if lo == 0 else (lo + hi) // 2
-    else:
-      per_image = (hi_bytes - lo_bytes) / (hi - lo)
-      b = lo + int((hbm - lo_bytes) / per_image) if per_image > 0 else (lo + hi) // 2
-      b = min(max(b, lo + 1), hi - 1)
+  lo, lo_bytes, hi = 0, None, too_big
+  points = [(too_big, too_big_bytes)] if too_big_bytes is not None else []
+  moved = []  # per compile: whether it fit
+
+  def attempt(b):
+    nonlocal lo, lo_bytes, hi
     ok, total = _fits(program, b, hbm)
-    tries += 1
     if ok:
       lo, lo_bytes = b, total
     else:
-      hi, hi_bytes = b, total
-      if b == 1:
-        break
-  return lo, tries
+      hi = b
+    moved.append(ok)
+    if total is not None:
+      points.append((b, total))
+    return ok
+
+  secant_moved = []  # which end each secant try moved
+  while hi - lo > 1 and len(moved) < MAX_SEARCH_COMPILES:
+    (b1, m1), (b2, m2) = points[-2:] if len(points) >= 2 else ((0, 0), (0, 0))
+    stuck = len(secant_moved) >= 2 and secant_moved[-1] == secant_moved[-2]
+    secant = len(points) >= 2 and m1 != m2 and not stuck
+    if secant:
+      b = int(b2 + (hbm - m2) * (b2 - b1) / (m2 - m1))
+    else:
+      b = max(1, hi // 4) if lo == 0 else (lo + hi) // 2
+      secant_moved.clear()
+    b = min(max(b, lo + 1), hi - 1)
+    ok = attempt(b)
+    if not ok and b == 1:
+      break
+    if secant:
+      secant_moved.append(ok)
+      neighbour = b + 1 if ok else b - 1  # (below b only once a batch is known to fit)
+      if lo < neighbour < hi and (ok or lo > 0) and len(moved) < MAX_SEARCH_COMPILES:
+        attempt(neighbour)
+  return dict(
+      largest_fitting=lo,
+      largest_fitting_bytes=lo_bytes,
+      smallest_failing=hi,
+      compiles=len(moved),
+      exact=hi - lo <= 1,
+  )
 
 
 def _variants(config, name: str) -> list[tuple[str, Any]]:
@@ -360,9 +393,12 @@ def report_program(config, devices, topology, program: Program, search: bool = T
         row["estimated_steps_per_second"] = program.steps / est
       row["estimated_fraction_of_peak"] = flops / est / chip.peak_flops
   if not row["fits"] and search:
-    largest, tries = largest_batch(program, chip.hbm_bytes, b, row.get("total_bytes"))
-    row["largest_fitting_per_device_batch"] = largest
-    row["search_compiles"] = tries
+    found = largest_batch(program, chip.hbm_bytes, b, row.get("total_bytes"))
+    row["largest_fitting_per_device_batch"] = found["largest_fitting"]
+    row["largest_fitting_total_bytes"] = found["largest_fitting_bytes"]
+    row["smallest_failing_per_device_batch"] = found["smallest_failing"]
+    row["largest_fitting_is_exact"] = found["exact"]
+    row["search_compiles"] = found["compiles"]
     row["fixes"] = _fixes(config, devices, program.name, b, chip.hbm_bytes)
   return row
 
@@ -393,8 +429,11 @@ def _fmt_row(r: dict) -> str:
   line = f"{r['program']:<13} b={r['per_device_batch']:<5} {mem}; {cost}; {rate}; {fit}"
   if not r["fits"] and "largest_fitting_per_device_batch" in r:
     fixes = [k for k, ok in r["fixes"].items() if ok]
+    largest = str(r["largest_fitting_per_device_batch"])
+    if not r.get("largest_fitting_is_exact", True):  # the search stopped with a bracket
+      largest += f" to {r['smallest_failing_per_device_batch'] - 1}"
     line += (
-        f" (largest per-device batch that fits: {r['largest_fitting_per_device_batch']};"
+        f" (largest per-device batch that fits: {largest};"
         f" fits with: {', '.join(fixes) or 'none of grad_accum_steps, bfloat16, remat'})"
     )
   return line

@@ -4,6 +4,7 @@ Sizes and costs are checked against counts derived here from the architecture
 and the train state's contents, not against the code's own numbers.
 """
 
+import dataclasses
 import json
 import os
 
@@ -186,23 +187,72 @@ def test_two_host_slice_compiles(tmp_path):
     assert json.load(f)["programs"][0]["argument_bytes"] == row["argument_bytes"]
 
 
+@pytest.mark.parametrize(
+    "curve, compiles_if_exact",
+    [
+        # bytes(b): affine; affine with a step (a tile boundary); bending near the limit, where the
+        # TPU compiler rematerialises to fit; convex, where every secant overshoots (a bracket).
+        (lambda b: 10_000 + 700 * b, 3),
+        (lambda b: 10_000 + 700 * b + (50_000 if b > 900 else 0), 3),
+        (lambda b: 10_000 + 700 * min(b, 1000) + 20 * max(b - 1000, 0), 3),
+        (lambda b: 10_000 + 5 * b * b, None),
+    ],
+)
+def test_the_largest_batch_search_against_curves_known_in_closed_form(
+    monkeypatch, curve, compiles_if_exact
+):
+  """The search finds the largest batch under the limit of a memory curve given as a formula, or
+  a bracket whose ends are right, within its compile budget."""
+  hbm = 800_000
+  want = max(b for b in range(1, 2**17) if curve(b) <= hbm)  # by scanning every batch
+  calls = []
+
+  def fake_fits(program, b, limit):
+    calls.append(b)
+    return curve(b) <= limit, curve(b)
+
+  monkeypatch.setattr(compile_check, "_fits", fake_fits)
+  found = compile_check.largest_batch(None, hbm, 2**17, curve(2**17))
+  assert found["compiles"] == len(calls) <= compile_check.MAX_SEARCH_COMPILES
+  assert curve(found["largest_fitting"]) <= hbm < curve(found["smallest_failing"])
+  assert found["largest_fitting"] <= want < found["smallest_failing"]
+  if found["largest_fitting"]:
+    assert found["largest_fitting_bytes"] == curve(found["largest_fitting"])
+  assert found["exact"] == (found["largest_fitting"] == want)
+  if compiles_if_exact:
+    assert found["exact"] and found["compiles"] == compiles_if_exact
+
+
 @pytest.mark.slow
-def test_a_config_that_cannot_fit():
-  """A batch far too large for one v5e chip: reported, with the largest batch that fits and fixes."""
+def test_a_config_that_cannot_fit(monkeypatch):
+  """A batch too large for the chip: reported, with the largest batch that fits (or a bracket
+  whose ends were compiled) and the settings that fit, each found by compiling.
+
+  The chip is a v5e whose HBM is set between what 8 and 32 images per device take: the TPU
+  compiler takes minutes per program at the hundreds of images that fill 16 GiB, and the search
+  and the fixes use the limit the same way whatever it is."""
+  monkeypatch.setattr(compile_check, "MAX_SEARCH_COMPILES", 3)
   devs = tpu.devices(tpu.parse("v5e-1"))
   config = tiny_config()
-  config.training.batch_size = 2**17  # about 3 GB of activations per 16k images
+  config.training.batch_size = 32
   program = compile_check.build_programs(config, devs)["train"]
-  row = compile_check.report_program(config, devs, tpu.parse("v5e-1"), program)
-  hbm = tpu.CHIPS["v5e"].hbm_bytes
-  assert not row["fits"]
-  largest = row["largest_fitting_per_device_batch"]
-  assert 0 < largest < 2**17
-  # Independently of the search: that batch fits, one more image does not.
-  assert compile_check._fits(program, largest, hbm)[0]
-  assert not compile_check._fits(program, largest + 1, hbm)[0]
+  low, high = (compile_check._fits(program, b, 2**62)[1] for b in (8, 32))
+  assert low < high
+  hbm = (low + high) // 2
+  monkeypatch.setitem(tpu.CHIPS, "v5e", dataclasses.replace(tpu.CHIPS["v5e"], hbm_bytes=hbm))
+  topology = tpu.parse("v5e-1")
+  row = compile_check.report_program(config, devs, topology, program)
+  assert row["hbm_bytes"] == hbm and row["total_bytes"] == high and not row["fits"]
+  largest, failing = (
+      row["largest_fitting_per_device_batch"],
+      row["smallest_failing_per_device_batch"],
+  )
+  assert 8 <= largest < failing <= 32 and row["search_compiles"] <= 3
+  assert row["largest_fitting_total_bytes"] <= hbm
   assert set(row["fixes"]) >= {"model.dtype=bfloat16", "model.remat=True"}
   assert any(k.startswith("training.grad_accum_steps") and ok for k, ok in row["fixes"].items())
+  line = compile_check._fmt_row(row)
+  assert "DOES NOT FIT (largest per-device batch that fits: " in line and "\n" not in line
 
 
 def test_without_libtpu_one_line(monkeypatch):
