@@ -283,26 +283,26 @@ def largest_batch(program: Program, hbm: int, too_big: int, too_big_bytes: Optio
   """
   lo, lo_bytes, hi = 0, None, too_big
   points = [(too_big, too_big_bytes)] if too_big_bytes is not None else []
-  moved = []  # per compile: whether it fit
+  compiles = 0
 
   def attempt(b):
-    nonlocal lo, lo_bytes, hi
+    nonlocal lo, lo_bytes, hi, compiles
     ok, total = _fits(program, b, hbm)
+    compiles += 1
     if ok:
       lo, lo_bytes = b, total
     else:
       hi = b
-    moved.append(ok)
     if total is not None:
       points.append((b, total))
     return ok
 
   secant_moved = []  # which end each secant try moved
-  while hi - lo > 1 and len(moved) < MAX_SEARCH_COMPILES:
-    (b1, m1), (b2, m2) = points[-2:] if len(points) >= 2 else ((0, 0), (0, 0))
+  while hi - lo > 1 and compiles < MAX_SEARCH_COMPILES:
     stuck = len(secant_moved) >= 2 and secant_moved[-1] == secant_moved[-2]
-    secant = len(points) >= 2 and m1 != m2 and not stuck
+    secant = len(points) >= 2 and points[-2][1] != points[-1][1] and not stuck
     if secant:
+      (b1, m1), (b2, m2) = points[-2:]
       b = int(b2 + (hbm - m2) * (b2 - b1) / (m2 - m1))
     else:
       b = max(1, hi // 4) if lo == 0 else (lo + hi) // 2
@@ -314,13 +314,13 @@ def largest_batch(program: Program, hbm: int, too_big: int, too_big_bytes: Optio
     if secant:
       secant_moved.append(ok)
       neighbour = b + 1 if ok else b - 1  # (below b only once a batch is known to fit)
-      if lo < neighbour < hi and (ok or lo > 0) and len(moved) < MAX_SEARCH_COMPILES:
+      if lo < neighbour < hi and (ok or lo > 0) and compiles < MAX_SEARCH_COMPILES:
         attempt(neighbour)
   return dict(
       largest_fitting=lo,
       largest_fitting_bytes=lo_bytes,
       smallest_failing=hi,
-      compiles=len(moved),
+      compiles=compiles,
       exact=hi - lo <= 1,
   )
 

@@ -924,6 +924,17 @@ def _popen(log, *args):
     )
 
 
+def _interrupt_expecting_one_line(proc, log: str) -> str:
+  """Ctrl-C to ``proc``: status 130 and one ``error:`` line, no traceback. Returns its stderr."""
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=60) == 130
+  err = open(log).read()
+  lines = [line for line in err.splitlines() if line.startswith("error:")]
+  assert lines == ["error: stopped by SIGINT (Ctrl-C); no file was left half-written"], err
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+  return err
+
+
 @pytest.mark.slow
 def test_cli_a_missing_process_is_waited_for_with_a_message_then_a_time_out(tmp_path):
   """No second process: the wait is announced, bounded, and ends in one line, status 1; a
@@ -944,12 +955,7 @@ def test_cli_a_missing_process_is_waited_for_with_a_message_then_a_time_out(tmp_
   log = str(tmp_path / "wait.log")
   proc = _popen(log, f"--workdir={tmp_path / 'run'}", *flags_)
   _wait_for(proc, log, "Waiting for 1 more process")
-  proc.send_signal(signal.SIGINT)
-  assert proc.wait(timeout=60) == 130
-  err = open(log).read()
-  lines = [line for line in err.splitlines() if line.startswith("error:")]
-  assert lines == ["error: stopped by SIGINT (Ctrl-C); no file was left half-written"], err
-  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+  _interrupt_expecting_one_line(proc, log)
 
 
 @pytest.mark.slow
@@ -961,11 +967,6 @@ def test_cli_ctrl_c_while_sampling_is_one_line_and_status_130(tmp_path, host_sta
       log, f"--workdir={workdir}", "--mode=sample", "--config.sampling.num_samples=100000"
   )
   _wait_for(proc, log, "Sampling 100000 images")
-  proc.send_signal(signal.SIGINT)
-  assert proc.wait(timeout=60) == 130
-  err = open(log).read()
-  lines = [line for line in err.splitlines() if line.startswith("error:")]
-  assert lines == ["error: stopped by SIGINT (Ctrl-C); no file was left half-written"], err
-  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+  err = _interrupt_expecting_one_line(proc, log)
   assert "Given directory is read only" not in err  # orbax's notice, in every sampling run
   assert not glob.glob(os.path.join(workdir, "samples", "samples_*.npz"))
