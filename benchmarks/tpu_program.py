@@ -16,10 +16,8 @@ compiled in turn, e.g.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import re
 import sys
 import time
 
@@ -28,33 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from benchmarks.hlo import hlo_breakdown  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 flags.DEFINE_string("config", "configs/cifar10.py", "Config file.")
 flags.DEFINE_string("topology", "v3-8", "TPU slice.")
 flags.DEFINE_enum("program", "train", ["train", "sample_step"], "Which program.")
 flags.DEFINE_string("variants", "", "';'-separated variants, each 'field=value,field=value'.")
 FLAGS = flags.FLAGS
-
-_OP = re.compile(r"=\s*([a-z0-9]+)\[([0-9,]*)\][^ ]*\s+([a-z\-]+)\(")
-
-
-def hlo_breakdown(text: str) -> dict:
-  """{op kind: {'count', 'bytes', 'dtypes'}} over the instructions of optimised HLO text."""
-  sizes = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "pred": 1, "f16": 2, "s8": 1, "u8": 1}
-  out = collections.defaultdict(lambda: {"count": 0, "bytes": 0, "dtypes": collections.Counter()})
-  for line in text.splitlines():
-    m = _OP.search(line)
-    if not m:
-      continue
-    dtype, dims, op = m.groups()
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    kind = out[op]
-    kind["count"] += 1
-    kind["bytes"] += n * sizes.get(dtype, 4)
-    kind["dtypes"][dtype] += 1
-  return {k: dict(v, dtypes=dict(v["dtypes"])) for k, v in out.items()}
-
 
 def compile_one(config, topology_name: str, program: str) -> dict:
   from ddpm_jax import compile_check, tpu  # pylint: disable=g-import-not-at-top
