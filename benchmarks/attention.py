@@ -8,7 +8,7 @@ from the same parameters. Each is timed forward + gradients of the input and
 of every parameter (as in a train step), pmap-ed over all local devices (one
 per core), the variants taking turns; shapes are per device, and the speed-ups
 are over the library's block. ``--cpu_kernels`` times the block as the U-Net
-with ``model.cpu_kernels`` builds it (GroupNorm by ``ddpm_jax.cpu.group_norm``),
+with ``model.cpu_kernels`` builds it (GroupNorm by ``unet.group_norm_channels_minor``),
 and the variants with that GroupNorm; by default both use Flax's, as the plain
 U-Net does. Before timing, each variant's output and
 gradients are checked against the library's. Prints a table on stderr and one
@@ -45,7 +45,6 @@ def variants(cpu_kernels: bool = False):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.cpu import group_norm as cpu_group_norm  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
 
   def library(p, x):
@@ -55,7 +54,7 @@ def variants(cpu_kernels: bool = False):
 
   def group_norm(x, scale, bias):  # the library block's GroupNorm
     if cpu_kernels:
-      return cpu_group_norm.group_norm(x, scale, bias, unet.GN_GROUPS, unet.GN_EPS)
+      return unet.group_norm_channels_minor(x, scale, bias, unet.GN_GROUPS, unet.GN_EPS)
     return flax_norm.apply({"params": {"scale": scale, "bias": bias}}, x)
 
   def dense(p, h):

@@ -1,10 +1,10 @@
-"""GroupNorm + swish: the CPU kernels' ``group_norm`` against ``flax.linen.GroupNorm``.
+"""GroupNorm + swish: the U-Net's ``group_norm_channels_minor`` (CPU programs) against ``flax.linen.GroupNorm``.
 
   python benchmarks/group_norm.py [--shapes=8x32x32x32,8x16x16x64] [--reps=7]
 
 Both compute the same two-pass GroupNorm (32 groups, eps 1e-6): ``flax`` is
 ``flax.linen.GroupNorm(use_fast_variance=False)``, the plain U-Net's; ``ours``
-is ``ddpm_jax.cpu.group_norm.group_norm``, the U-Net's with
+is ``ddpm_jax.models.unet.group_norm_channels_minor``, the U-Net's with
 ``model.cpu_kernels``. Each shape is timed forward and forward + backward on
 one device, the two implementations alternating, and the medians are reported
 with their ratio (Flax time / ours). Prints one JSON line per shape. Default
@@ -38,13 +38,12 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.cpu import group_norm  # pylint: disable=g-import-not-at-top
   from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
 
   flax_gn = nn.GroupNorm(num_groups=unet.GN_GROUPS, epsilon=unet.GN_EPS, use_fast_variance=False)
   impls = {
       "flax": lambda p, x: flax_gn.apply({"params": p}, x),
-      "ours": lambda p, x: group_norm.group_norm(
+      "ours": lambda p, x: unet.group_norm_channels_minor(
           x, p["scale"], p["bias"], unet.GN_GROUPS, unet.GN_EPS
       ),
   }

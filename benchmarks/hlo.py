@@ -25,3 +25,32 @@ def hlo_breakdown(text: str) -> dict:
     kind["bytes"] += n * sizes.get(dtype, 4)
     kind["dtypes"][dtype] += 1
   return {k: dict(v, dtypes=dict(v["dtypes"])) for k, v in out.items()}
+
+
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def instruction_cycles(text: str) -> list[dict]:
+  """The TPU compiler's estimated cycles of each scheduled instruction of optimised HLO text.
+
+  One dict per instruction that carries ``estimated_cycles`` in its backend
+  config: cycles, the operation kind, the result type (e.g. 'bf16[16,32,32,128]')
+  and the JAX op name it came from (its ``metadata.op_name``).
+  """
+  out = []
+  for line in text.splitlines():
+    c = _CYCLES.search(line)
+    m = _OP.search(line)
+    if not c or not m:
+      continue
+    name = _NAME.search(line)
+    out.append(
+        dict(
+            cycles=int(c.group(1)),
+            op=m.group(3),
+            type=f"{m.group(1)}[{m.group(2)}]",
+            op_name=name.group(1) if name else "",
+        )
+    )
+  return out

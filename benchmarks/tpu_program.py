@@ -34,6 +34,7 @@ flags.DEFINE_enum("program", "train", ["train", "sample_step"], "Which program."
 flags.DEFINE_string("variants", "", "';'-separated variants, each 'field=value,field=value'.")
 FLAGS = flags.FLAGS
 
+
 def compile_one(config, topology_name: str, program: str) -> dict:
   from ddpm_jax import compile_check, tpu  # pylint: disable=g-import-not-at-top
   from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top

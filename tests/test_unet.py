@@ -8,6 +8,7 @@ TF op matters). Shape-only checks use ``jax.eval_shape`` so nothing is allocated
 from __future__ import annotations
 
 import math
+import re
 
 import flax
 import jax
@@ -496,6 +497,29 @@ def test_group_norm_two_pass_variance(cpu_kernels):
   np.testing.assert_allclose(got, np_group_norm(x.astype(np.float64), p), atol=1e-4, rtol=0)
 
 
+def test_bfloat16_models_reduce_group_norm_statistics_per_channel_float32_ones_as_flax():
+  """A bfloat16 U-Net never splits activations into [..., 32 groups, C/32] (the layout that made
+  its TPU program slower than float32's, docs/tpu.md); a float32 plain one is Flax's GroupNorm,
+  so float32 results are unchanged; both normalise like numpy."""
+  x = (3.0 + np.random.RandomState(1).randn(2, 8, 8, 64)).astype(np.float32)
+  p = {"scale": np.linspace(0.5, 1.5, 64), "bias": np.linspace(-1, 1, 64)}
+  split = re.compile(r"tensor<2x8x8x32x2x")  # Flax's reshape of [2, 8, 8, 64] into groups
+
+  for dtype, splits in ((jnp.float32, True), (jnp.bfloat16, False)):
+
+    class GN(flax.linen.Module):
+
+      @flax.linen.compact
+      def __call__(self, x):
+        return unet_lib._group_norm(x, "norm", dtype, False)  # pylint: disable=protected-access
+
+    f = jax.jit(lambda p, x: GN().apply({"params": {"norm": p}}, x))
+    assert bool(split.search(f.lower(p, x).as_text())) == splits, dtype
+    got = np.asarray(f(p, x).astype(jnp.float32))
+    tol = 1e-4 if dtype == jnp.float32 else 2e-2 * np.abs(got).max()
+    np.testing.assert_allclose(got, np_group_norm(x.astype(np.float64), p), atol=tol, rtol=0)
+
+
 def np_group_norm_grads(x, scale, w, groups=32, eps=1e-6):
   """Closed-form gradients of sum(w * GroupNorm(x)) with respect to x, scale and bias."""
   B, H, W, C = x.shape
@@ -516,9 +540,7 @@ def np_group_norm_grads(x, scale, w, groups=32, eps=1e-6):
 @pytest.mark.parametrize("channels", [32, 64])
 def test_group_norm_gradients_match_closed_form(channels):
   """Training differentiates GroupNorm: d/dx, d/dscale, d/dbias against the textbook formulas."""
-  from ddpm_jax.cpu import group_norm as cpu_group_norm
-
-  group_norm = lambda x, s, b: cpu_group_norm.group_norm(x, s, b, 32, 1e-6)
+  group_norm = lambda x, s, b: unet_lib.group_norm_channels_minor(x, s, b, 32, 1e-6)
   rng = np.random.RandomState(channels)
   x = (3.0 + 2.0 * rng.randn(2, 8, 8, channels)).astype(np.float32)
   w = rng.randn(2, 8, 8, channels).astype(np.float32)
@@ -532,12 +554,12 @@ def test_group_norm_gradients_match_closed_form(channels):
     np.testing.assert_allclose(np.asarray(g), r, atol=2e-4 * np.abs(r).max(), rtol=0)
 
 
-def test_cpu_group_norm_params_are_named_like_flax():
-  """The CPU kernel's GroupNorm has flax.linen.GroupNorm's names, shapes and initial values."""
-  from ddpm_jax.models.unet import _CPUGroupNorm, _group_norm
+def test_channels_minor_group_norm_params_are_named_like_flax():
+  """The channels-minor GroupNorm has flax.linen.GroupNorm's names, shapes and initial values."""
+  from ddpm_jax.models.unet import _ChannelsMinorGroupNorm, _group_norm
 
   x = jnp.ones((1, 4, 4, 64))
-  ours = _CPUGroupNorm().init(KEY, x)
+  ours = _ChannelsMinorGroupNorm().init(KEY, x)
   theirs = flax.linen.GroupNorm(num_groups=32).init(KEY, x)
   assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
   for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):

@@ -12,7 +12,8 @@ changes with it on:
   2x2 pixels, and with weight gradients summed over cache-sized batch chunks
   elsewhere;
 * ``upsample.py``: the Upsample conv as four 2x2 convs of the small input;
-* ``group_norm.py``: GroupNorm reduced over space with the channels minor;
+* GroupNorm reduced over space with the channels minor (the U-Net's
+  ``group_norm_channels_minor``, which bfloat16 models use on every platform);
 * ``dropout.py``: dropout masks hashed once and stored (the same bits as
   ``jax.random.bernoulli``);
 * ``compile_options.py``: XLA options for the samplers and the bits/dim loop;
