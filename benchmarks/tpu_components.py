@@ -38,8 +38,14 @@ def components(b: int):
 
   temb = (b, 512)
   return {
-      "resblock_128_32x32": (lambda dt: unet.ResnetBlock(128, 0.1, dt, name="block"), [(b, 32, 32, 128), temb]),
-      "resblock_256_16x16": (lambda dt: unet.ResnetBlock(256, 0.1, dt, name="block"), [(b, 16, 16, 256), temb]),
+      "resblock_128_32x32": (
+          lambda dt: unet.ResnetBlock(128, 0.1, dt, name="block"),
+          [(b, 32, 32, 128), temb],
+      ),
+      "resblock_256_16x16": (
+          lambda dt: unet.ResnetBlock(256, 0.1, dt, name="block"),
+          [(b, 16, 16, 256), temb],
+      ),
       "resblock_384to256_32x32": (
           lambda dt: unet.ResnetBlock(256, 0.1, dt, name="block"),
           [(b, 32, 32, 384), temb],
@@ -84,7 +90,9 @@ def compile_component(make, shapes, dtype_name: str, device) -> dict:
   abstract = (
       spec(params),
       spec(jax.ShapeDtypeStruct(shapes[0], jnp.float32)),
-      spec([jax.ShapeDtypeStruct(s, jnp.int32 if len(s) == 1 else jnp.float32) for s in shapes[1:]]),
+      spec(
+          [jax.ShapeDtypeStruct(s, jnp.int32 if len(s) == 1 else jnp.float32) for s in shapes[1:]]
+      ),
       spec(jax.ShapeDtypeStruct(out.shape, jnp.float32)),
       spec(jax.eval_shape(lambda: jax.random.key(0))),
   )

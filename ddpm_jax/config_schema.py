@@ -83,7 +83,7 @@ def get_config():
   # 'mse' (L_simple, paper) | 'kl' (the bound) | 'hybrid' (learned variances)
   diffusion.loss_type = "mse"
 
-  # ---- optimisation (ddpm_jax/training/state.py) ----
+  # ---- optimisation (ddpm_jax/builders.py: create_optimizer) ----
   config.optim = optim = ml_collections.ConfigDict()
   # Adam learning rate after warm-up (paper: 2e-4 CIFAR-10, 2e-5 at 256x256)
   optim.lr = 2e-4

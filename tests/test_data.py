@@ -3,9 +3,6 @@
 import itertools
 import logging
 import os
-import subprocess
-import sys
-import textwrap
 import time
 
 import ml_collections
@@ -345,65 +342,3 @@ def test_folder_crop_resize_and_skipped_files(tmp_path, caplog):
   batch = next(train_images(cfg, 4, 0, 0, 1, 1))
   assert batch.shape == (1, 4, 4, 4, 3)
   assert batch.min() >= -1 and batch.max() <= 1
-
-
-# ---------------------------------------------------------------- device --
-
-
-def test_prefetch_to_device_single_device():
-  import jax
-
-  devices = jax.local_devices()[:1]
-  source = [(np.full((1, 4, 8, 8, 1), i, np.float32), np.ones((1, 4), bool)) for i in range(5)]
-  out = list(pipeline.prefetch_to_device(iter(source), 2, devices))
-  assert len(out) == 5
-  for i, (images, mask) in enumerate(out):
-    assert isinstance(images, jax.Array) and isinstance(mask, jax.Array)
-    assert images.shape == (1, 4, 8, 8, 1)
-    assert {s.device for s in images.addressable_shards} == set(devices)
-    np.testing.assert_array_equal(np.asarray(images), source[i][0])
-  with pytest.raises(ValueError, match="number of devices"):
-    list(pipeline.prefetch_to_device(iter([np.zeros((3, 2))]), 2, devices))
-
-
-def test_prefetch_to_device_four_cpu_devices_subprocess():
-  script = textwrap.dedent("""
-      import itertools, jax, numpy as np, ml_collections
-      from ddpm_jax.data import pipeline
-      devices = jax.local_devices()
-      assert len(devices) == 4, devices
-      cfg = ml_collections.ConfigDict(dict(
-          dataset='digits', image_size=8, channels=1, random_flip=True,
-          data_dir=None, folder='', train_split='train', eval_split='test',
-          in_memory=True, shuffle_seed=1, shuffle_buffer_size=1))
-      images = lambda: (b["image"] for b in pipeline.create_train_iterator(cfg, 32, 0, 0, 1, 4))
-      host = list(itertools.islice(images(), 3))
-      it = pipeline.prefetch_to_device(images(), 2, devices)
-      step = jax.pmap(lambda x: x.sum())
-      for h, d in zip(host, itertools.islice(it, 3)):
-        assert d.shape == (4, 8, 8, 8, 1)
-        shards = sorted(d.addressable_shards, key=lambda s: s.index[0].start)
-        assert [s.device for s in shards] == devices
-        for i, s in enumerate(shards):
-          assert s.data.shape == (1, 8, 8, 8, 1)
-          np.testing.assert_array_equal(np.asarray(s.data), h[i:i + 1])
-        np.testing.assert_allclose(np.asarray(step(d)), h.sum(axis=(1, 2, 3, 4)),
-                                   rtol=1e-5)
-      print('OK')
-  """)
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  result = subprocess.run(
-      [sys.executable, "-c", script],
-      env=env,
-      cwd=REPO_ROOT,
-      capture_output=True,
-      text=True,
-      timeout=120,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "OK" in result.stdout

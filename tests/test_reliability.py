@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from ddpm_jax.training import checkpoint
+from ddpm_jax import builders, checkpoints
 from ddpm_jax.training import state as state_lib
 
 pytestmark = pytest.mark.slow  # every test here runs main.py in subprocesses
@@ -111,7 +111,7 @@ _TARGET = {}
 def _target():
   if not _TARGET:
     config = test_config.get_config()
-    model, tx = state_lib.build_model(config), state_lib.create_optimizer(config.optim)
+    model, tx = builders.build_model(config), builders.create_optimizer(config.optim)
     _TARGET["state"] = jax.device_get(state_lib.create_train_state(config, model, tx))
   return _TARGET["state"]
 
@@ -119,9 +119,9 @@ def _target():
 def load(workdir, step=None):
   """The state of checkpoint ``step`` (None: what resuming would restore), as numpy."""
   config = test_config.get_config()
-  manager = checkpoint.create_manager(workdir, read_only=True)
+  manager = checkpoints.create_manager(workdir, read_only=True)
   if step is None:
-    state = checkpoint.restore_train_state(manager, _target(), config)
+    state = checkpoints.restore_train_state(manager, _target(), config)
     return None if state is None else jax.device_get(state)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -138,7 +138,7 @@ def load(workdir, step=None):
   )
   core = out["state"]
   return jax.device_get(
-      state_lib.TrainState(
+      checkpoints.TrainState(
           step=core["step"],
           params=core["params"],
           ema_params=out["ema_params"],
@@ -229,7 +229,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_bitwise(tmp_path, referen
   rng = random.Random(KILL_SEED)
   k, delay = rng.randint(2, 8), rng.uniform(0.0, 0.03)
   workdir = str(tmp_path / "run")
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  ckpt_dir = checkpoints.checkpoint_dir(workdir)
   # keep_checkpoints=2: old checkpoints are being deleted too while it is killed.
   args = (
       "--config.training.checkpoint_every_steps=1",
@@ -324,7 +324,7 @@ def test_damaged_newest_checkpoint_is_never_loaded(tmp_path, reference, how, cap
   ref_dir, _ = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(ref_dir, workdir)
-  CORRUPTIONS[how](os.path.join(checkpoint.checkpoint_dir(workdir), str(STEPS)))
+  CORRUPTIONS[how](os.path.join(checkpoints.checkpoint_dir(workdir), str(STEPS)))
   with caplog.at_level("WARNING"):
     state = load(workdir)
   assert int(state.step) == STEPS - 1
@@ -337,7 +337,7 @@ def test_resume_over_a_damaged_checkpoint_replays_to_the_same_state(tmp_path, re
   ref_dir, ref_final = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(ref_dir, workdir)
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  ckpt_dir = checkpoints.checkpoint_dir(workdir)
   CORRUPTIONS["params_bits_flipped"](os.path.join(ckpt_dir, str(STEPS)))
   rc, out = _run(
       workdir,
@@ -375,7 +375,7 @@ def test_nan_policy_stop_exits_1_naming_the_step_and_the_intact_checkpoint(tmp_p
   # checkpoint_every_steps=2, log_every_steps=2 (configs/test.py)
   rc, out = _run(workdir, *POISON, "--config.training.nan_policy=stop")
   assert rc == 1, out[-3000:]
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  ckpt_dir = checkpoints.checkpoint_dir(workdir)
   # debug_poison_step counts from 0: the batch of step index 5 is the 6th update, and
   # steps are logged 1-based ("step 6/8" is the state after 6 updates).
   assert _error_lines(out) == [
@@ -429,7 +429,7 @@ def test_nan_policy_skip_stops_after_max_consecutive_nonfinite(tmp_path):
   assert _error_lines(out) == [
       "error: stopped at step 6 after 1 non-finite step(s) in a row "
       "(training.nan_policy='skip', training.max_consecutive_nonfinite=1); "
-      f"the last good checkpoint, step 4 in {checkpoint.checkpoint_dir(workdir)}, is intact"
+      f"the last good checkpoint, step 4 in {checkpoints.checkpoint_dir(workdir)}, is intact"
   ]
   assert "Traceback" not in out
   assert all_finite(load(workdir).params)
@@ -546,7 +546,7 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5, err_msg=name)
   assert complete_steps(multi) == [2, 4]
 
-  CORRUPTIONS["params_bits_flipped"](os.path.join(checkpoint.checkpoint_dir(multi), "4"))
+  CORRUPTIONS["params_bits_flipped"](os.path.join(checkpoints.checkpoint_dir(multi), "4"))
   pair = _start_pair(
       multi,
       "--config.training.num_train_steps=200",
@@ -559,7 +559,7 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
   for out in outs:
     assert "Resumed from the checkpoint at step 2 " in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-  assert os.path.isdir(os.path.join(multi, checkpoint.UNREADABLE_DIR, "4"))
+  assert os.path.isdir(os.path.join(multi, checkpoints.UNREADABLE_DIR, "4"))
   steps = [
       re.search(
           r"(?:Signal 15 received|Another process received a stop signal): "
