@@ -1,6 +1,6 @@
 """One 3x3 convolution's gradients on XLA:CPU against the same convolution in PyTorch.
 
-  python benchmarks/xla_cpu_conv_grad.py [--shapes=8x32x32x128x128,...] [--reps=7] [--threads=N]
+  python benchmarks/cpu/xla_cpu_conv_grad.py [--shapes=8x32x32x128x128,...] [--reps=7] [--threads=N]
 
 Stand-alone (jax, numpy, torch; nothing of this repository), for an upstream
 XLA report. For each shape ``BxHxWxCinxCout`` (stride 1, padding 1, float32) it
