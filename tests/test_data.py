@@ -3,6 +3,7 @@
 import itertools
 import logging
 import os
+import re
 import time
 
 import ml_collections
@@ -11,10 +12,13 @@ import pytest
 from PIL import Image
 from sklearn import datasets as sk_datasets
 
+from configs import test as test_config
 from ddpm_jax import errors
 from ddpm_jax import images as image_lib
 from ddpm_jax.data import order, pipeline, sources
+from helpers import write_images
 
+IMAGE_EXTS = ".png, .jpg, .jpeg, .webp, .bmp"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -342,3 +346,41 @@ def test_folder_crop_resize_and_skipped_files(tmp_path, caplog):
   batch = next(train_images(cfg, 4, 0, 0, 1, 1))
   assert batch.shape == (1, 4, 4, 4, 3)
   assert batch.min() >= -1 and batch.max() <= 1
+
+
+# ------------------------------------------------- undecodable, unprepared --
+
+
+def test_undecodable_images_are_skipped_and_counted(tmp_path, caplog):
+  folder = str(tmp_path / "images")
+  write_images(folder, good=3, bad=2)
+  with caplog.at_level(logging.WARNING):
+    split, skipped = sources.load_image_folder(folder, 8, channels=1)
+  assert split.images.shape == (3, 8, 8, 1) and skipped == 2
+  assert f"Skipped 2 of 5 image files under {folder} that could not be decoded." in caplog.text
+
+
+def test_folder_with_only_undecodable_images(tmp_path):
+  folder = str(tmp_path / "images")
+  write_images(folder, good=0, bad=2)
+  with pytest.raises(errors.DataError) as e:
+    sources.load_image_folder(folder, 8, channels=1)
+  assert str(e.value) == (
+      f"No decodable image ({IMAGE_EXTS}) under data.folder={folder!r} " "(2 undecodable files)."
+  )
+
+
+def test_tfds_dataset_not_prepared_fails_at_once_with_instructions(tmp_path):
+  config = test_config.get_config()
+  config.data.dataset, config.data.channels = "cifar10", 3
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(errors.DataNotPreparedError) as e:
+    sources.get_tfds_builder(config.data)
+  message = str(e.value)
+  assert re.match(
+      rf"TFDS data set 'cifar10' \(version [\d.]+\) is not prepared: no "
+      rf"dataset_info.json in {re.escape(str(tmp_path))}/cifar10/[\d.]+\. Nothing is "
+      r"downloaded here\.",
+      message,
+  ), message
+  assert f"tfds build cifar10 --data_dir={tmp_path}" in message

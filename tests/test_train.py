@@ -5,8 +5,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ from ddpm_jax.data import order, sources
 from ddpm_jax.training import loop
 from ddpm_jax.training import state as state_lib
 from ddpm_jax.training import step as step_lib
+from helpers import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,19 +255,6 @@ def _xla_flags(devices):
   return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
 
 
-def _main(*args, env=None, timeout=600):
-  cmd = [
-      sys.executable,
-      os.path.join(ROOT, "main.py"),
-      "--config",
-      os.path.join(ROOT, "configs/test.py"),
-      *args,
-  ]
-  e = dict(os.environ)
-  e.update(env or {})
-  return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-
-
 def _final_state(workdir, config=None):
   config = config or test_config.get_config()
   model = builders.build_model(config)
@@ -287,11 +273,11 @@ def assert_states_equal(a, b):
 def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path):
   two_dev = {"XLA_FLAGS": _xla_flags(2)}
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
-  r = _main(f"--workdir={full}", "--config.training.num_train_steps=4", env=two_dev)
+  r = run_main(f"--workdir={full}", "--config.training.num_train_steps=4", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=2", env=two_dev)
+  r = run_main(f"--workdir={part}", "--config.training.num_train_steps=2", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=4", env=two_dev)
+  r = run_main(f"--workdir={part}", "--config.training.num_train_steps=4", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Resumed from the checkpoint at step 2" in r.stderr
   a, b = _final_state(full), _final_state(part)
@@ -304,7 +290,7 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   assert glob.glob(os.path.join(part, "events.out.tfevents.*"))
 
   # --mode=sample writes the documented files from the EMA parameters.
-  r = _main(
+  r = run_main(
       f"--workdir={full}",
       "--mode=sample",
       "--config.sampling.num_samples=6",
@@ -358,7 +344,7 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
   # The full run also draws a grid at step 4: 20 samples, the 10 classes in turn.
   grid = ("--config.training.sample_every_steps=4", "--config.training.num_grid_samples=20")
   for workdir, steps, extra in ((full, 4, grid), (part, 2, ()), (part, 4, ())):
-    r = _main(
+    r = run_main(
         f"--workdir={workdir}", f"--config.training.num_train_steps={steps}", *args, *extra, env=env
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -374,12 +360,12 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
     assert json.load(f) == [str(d) for d in range(10)]
   with open(os.path.join(full, "checkpoints", "4", "meta", "metadata")) as f:
     assert json.load(f)["model.cpu_kernels_active"] is True
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=6", args[0], env=env)
+  r = run_main(f"--workdir={part}", "--config.training.num_train_steps=6", args[0], env=env)
   assert r.returncode == 1
   assert "config.training.t_sampler='loss_aware', the config says 'uniform'" in r.stderr
   # The warning comes with the restore, before any program is built: a run with nothing
   # left to train shows it without compiling the plain model.
-  r = _main(
+  r = run_main(
       f"--workdir={part}",
       "--config.training.num_train_steps=4",
       *args,
