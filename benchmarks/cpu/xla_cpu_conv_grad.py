@@ -20,7 +20,7 @@ times, alternating the two libraries call by call, medians of ``--reps``:
   convolution out as ``f01b_i01o->01bf`` and emits its own loop nest for it
   instead of calling its convolution library: this is the case that is slow
   (the profile of the plain CIFAR-10 train step, where 90% of the time is
-  such convolutions, is in docs/performance.md).
+  such convolutions, is in docs/cpu_kernels.md).
 
 JAX uses NHWC / HWIO (XLA:CPU's preferred layouts), PyTorch NCHW / OIHW (its
 default); the operands are the same numbers, and the script checks that both

@@ -27,7 +27,7 @@ so a resumed run computes the same program. The kernels change float rounding
 only (dropout: not even that); the setting is recorded in each checkpoint and
 in the start-up log. The convolutions' hand-written backward passes keep
 forward-mode differentiation (``jax.jvp``, ``jax.linearize``) working
-(``autodiff.py``). Measurements: docs/performance.md.
+(``autodiff.py``). Measurements: docs/cpu_kernels.md.
 """
 
 from typing import Optional

@@ -76,7 +76,7 @@ KERNEL_MATRIX = np.einsum("ir,js->jirs", G, G).reshape(36, 9)
 
 # Smallest image side, fewest channels on either side, and fewest input plus output
 # channels that use it: a shape rule, the same on every host (measurements:
-# docs/performance.md).
+# docs/cpu_kernels.md).
 MIN_SIDE = 16
 MIN_CHANNELS = 32
 MIN_CHANNELS_IN_PLUS_OUT = 96
