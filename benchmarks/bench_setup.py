@@ -120,22 +120,22 @@ def train_step_and_inputs(config):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders, parallel  # pylint: disable=g-import-not-at-top
   from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config_validation.validate(config, jax.device_count(), jax.local_device_count())
   d = jax.local_device_count()
-  model = state_lib.build_model(config)
-  tx = state_lib.create_optimizer(config.optim)
-  state = state_lib.replicate(state_lib.create_train_state(config, model, tx))
-  p_step = step_lib.make_p_train_step(model, state_lib.build_diffusion(config), tx, config)
+  model = builders.build_model(config)
+  tx = builders.create_optimizer(config.optim)
+  state = parallel.replicate(state_lib.create_train_state(config, model, tx))
+  p_step = step_lib.make_p_train_step(model, builders.build_diffusion(config), tx, config)
   lead = (d, config.training.steps_per_call, config.training.batch_size // d)
   rng = np.random.default_rng(0)
-  batch = {"image": rng.uniform(-1, 1, lead + state_lib.image_shape(config)).astype(np.float32)}
+  batch = {"image": rng.uniform(-1, 1, lead + builders.image_shape(config)).astype(np.float32)}
   if config.model.num_classes:
     batch["label"] = rng.integers(0, config.model.num_classes, lead).astype(np.int32)
-  batch = next(pipeline.prefetch_to_device(iter([batch]), 1, axis_name=state_lib.AXIS))
+  batch = next(parallel.prefetch_to_device(iter([batch]), 1))
   return p_step, state, batch
 
 
@@ -166,13 +166,12 @@ def model_and_random_params(config):
   """
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import config_validation  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders, config_validation, parallel  # pylint: disable=g-import-not-at-top
 
   config_validation.validate(config, jax.device_count(), jax.local_device_count())
-  model = state_lib.build_model(config)
-  params = jax.jit(functools.partial(state_lib.init_params, model, config))(jax.random.PRNGKey(0))
-  return model, state_lib.replicate(params)
+  model = builders.build_model(config)
+  params = jax.jit(functools.partial(builders.init_params, model, config))(jax.random.PRNGKey(0))
+  return model, parallel.replicate(params)
 
 
 def compiled_forward(config):
@@ -183,13 +182,13 @@ def compiled_forward(config):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
   from ddpm_jax.cpu import compile_options  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
 
   model, p_params = model_and_random_params(config)
   d = jax.local_device_count()
   b = config.sampling.batch_size // d
-  x = jnp.zeros((d, b) + state_lib.image_shape(config), jnp.float32)
+  x = jnp.zeros((d, b) + builders.image_shape(config), jnp.float32)
   t = jnp.full((d, b), config.diffusion.num_timesteps // 2, jnp.int32)
   y = jnp.zeros((d, b), jnp.int32) if config.model.num_classes else None
   fn = compile_options.CompiledWithOptions(

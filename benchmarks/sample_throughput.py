@@ -45,7 +45,7 @@ def main(argv):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sample  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
 
   d = jax.local_device_count()
   per_call = config.sampling.batch_size
@@ -54,7 +54,7 @@ def main(argv):
     name, steps = spec.split(":")
     config.sampling.sampler = name
     config.sampling.num_steps = int(steps)
-    diffusion = state_lib.build_sampling_diffusion(config)
+    diffusion = builders.build_sampling_diffusion(config)
     p_sample = sample.make_p_sample(model, diffusion, config, per_call // d)
     keys = jnp.broadcast_to(jax.random.PRNGKey(0), (d, 2))
     labels_fn = sample.labels_in_turn(config)
@@ -77,7 +77,7 @@ def main(argv):
                 platform=jax.devices()[0].platform,
                 devices=d,
                 sampler=name,
-                steps=state_lib.sampling_steps(config),
+                steps=builders.sampling_steps(config),
                 images=per_call,
                 image_size=config.data.image_size,
                 dtype=config.model.dtype,
@@ -85,9 +85,9 @@ def main(argv):
                 compile_options=p_sample.options,
                 compile_s=round(compile_s, 2),
                 sample_s=round(run_s, 3),
-                step_s=round(run_s / state_lib.sampling_steps(config), 5),
+                step_s=round(run_s / builders.sampling_steps(config), 5),
                 images_per_s=round(per_call / run_s, 4),
-                page_faults_per_step=round(faults / FLAGS.reps / state_lib.sampling_steps(config)),
+                page_faults_per_step=round(faults / FLAGS.reps / builders.sampling_steps(config)),
                 **bench_setup.malloc_info(),
                 all_s=[round(x, 3) for x in times],
             )

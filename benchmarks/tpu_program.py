@@ -37,7 +37,7 @@ FLAGS = flags.FLAGS
 
 def compile_one(config, topology_name: str, program: str) -> dict:
   from ddpm_jax import compile_check, tpu  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
 
   devices = tpu.devices(tpu.parse(topology_name))
   start = time.time()
@@ -45,7 +45,7 @@ def compile_one(config, topology_name: str, program: str) -> dict:
     p = compile_check.build_programs(config, devices)["train"]
     compiled = p.lower(p.batch).compile()
   else:
-    model = state_lib.build_model(config, platform="tpu")
+    model = builders.build_model(config, platform="tpu")
     b = config.sampling.batch_size // len(devices)
     compiled = compile_check._forward_program(model, config, devices, b, False).compile()
   cost = compiled.cost_analysis() or {}

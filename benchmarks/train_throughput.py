@@ -55,7 +55,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import cpu as cpu_lib, parallel  # pylint: disable=g-import-not-at-top
   from ddpm_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
 
   d = jax.local_device_count()
@@ -101,12 +101,12 @@ def main(argv):
               image_size=config.data.image_size,
               dtype=config.model.dtype,
               steps_per_call=n,
-              cpu_kernels=state_lib.cpu_kernels_active(config),
+              cpu_kernels=cpu_lib.cpu_kernels_active(config),
               multi_step_loop=loop,
               grad_all_reduce=step_lib.grad_all_reduce(config),
               grad_accum_steps=config.training.grad_accum_steps,
               remat=config.model.remat,
-              params=int(sum(x.size for x in jax.tree.leaves(state_lib.unreplicate(state.params)))),
+              params=int(sum(x.size for x in jax.tree.leaves(parallel.unreplicate(state.params)))),
               compile_s=round(compile_s, 2),
               median_step_s=round(step_s, 5),
               images_per_s=round(config.training.batch_size / step_s, 2),

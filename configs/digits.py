@@ -37,7 +37,7 @@ def get_config():
   config.training.num_grid_samples = 64
   # SDE-DPM-Solver++(2M), 50 calls uniform in log-SNR: Algorithm 2's FID and IS with all
   # 1000 steps (within 1.1x and 2%, means over sampling seeds) in a twentieth of its network
-  # calls; docs/performance.md, "The digits default". Algorithm 2 as in the paper:
+  # calls; docs/digits.md, "The digits default". Algorithm 2 as in the paper:
   # --config.sampling.sampler=ancestral --config.sampling.num_steps=0.
   config.sampling.sampler = "dpm_solver++_sde"
   config.sampling.num_steps = 50

@@ -29,7 +29,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from ddpm_jax import files, sample, tpu
+from ddpm_jax import builders, files, parallel, sample, tpu
 from ddpm_jax.evaluation import bpd
 from ddpm_jax.models import inception
 from ddpm_jax.training import state as state_lib
@@ -77,7 +77,7 @@ def _cost(compiled) -> tuple[float, Optional[float]]:
 
 def _image_batch(config, lead: tuple, labels: bool) -> dict:
   """{'image': [*lead, H, W, C] float32} (+ 'label' [*lead] int32): abstract batches."""
-  x = {"image": jax.ShapeDtypeStruct(lead + state_lib.image_shape(config), jnp.float32)}
+  x = {"image": jax.ShapeDtypeStruct(lead + builders.image_shape(config), jnp.float32)}
   if labels:
     x["label"] = jax.ShapeDtypeStruct(lead, jnp.int32)
   return x
@@ -86,7 +86,7 @@ def _image_batch(config, lead: tuple, labels: bool) -> dict:
 def _forward_program(model, config, devices, b: int, learned_variance: bool):
   """The network once, as the samplers call it (guided: both branches), for b images per device."""
   d = len(devices)
-  params = state_lib.abstract_params(model, config)
+  params = builders.abstract_params(model, config)
   conditional = bool(config.model.num_classes)
 
   def forward(p, x, t, y):
@@ -94,11 +94,11 @@ def _forward_program(model, config, devices, b: int, learned_variance: bool):
 
   args = (
       _abstract(params, d),
-      jax.ShapeDtypeStruct((d, b) + state_lib.image_shape(config), jnp.float32),
+      jax.ShapeDtypeStruct((d, b) + builders.image_shape(config), jnp.float32),
       jax.ShapeDtypeStruct((d, b), jnp.int32),
       jax.ShapeDtypeStruct((d, b), jnp.int32) if conditional else None,
   )
-  return jax.pmap(forward, axis_name=state_lib.AXIS, devices=devices).lower(*args)
+  return parallel.pmap(forward, devices).lower(*args)
 
 
 @dataclasses.dataclass
@@ -124,13 +124,13 @@ def build_programs(config, devices) -> dict[str, Program]:
   d = len(devices)
   local = sum(1 for x in devices if x.process_index == devices[0].process_index)
   hosts = d // local
-  model = state_lib.build_model(config, platform=platform)
+  model = builders.build_model(config, platform=platform)
   conditional = bool(config.model.num_classes)
   out = {}
 
   # The train step (Algorithm 1), steps_per_call steps per call.
-  diffusion = state_lib.build_diffusion(config)
-  tx = state_lib.create_optimizer(config.optim)
+  diffusion = builders.build_diffusion(config)
+  tx = builders.create_optimizer(config.optim)
   tcfg = config.training
   n = int(tcfg.steps_per_call)
   accum = int(tcfg.grad_accum_steps)
@@ -153,8 +153,8 @@ def build_programs(config, devices) -> dict[str, Program]:
   )
 
   # The sampler: sampling.batch_size images per call over a host's devices.
-  sdiff = state_lib.build_sampling_diffusion(config)
-  params = _abstract(state_lib.abstract_params(model, config), d)
+  sdiff = builders.build_sampling_diffusion(config)
+  params = _abstract(builders.abstract_params(model, config), d)
 
   def lower_sample(b):
     p = sample.make_p_sample(model, sdiff, config, b, devices=devices)
@@ -165,7 +165,7 @@ def build_programs(config, devices) -> dict[str, Program]:
       "sample",
       lower_sample,
       _network_cost(
-          model, config, devices, state_lib.sampling_steps(config), sdiff.learned_variance
+          model, config, devices, builders.sampling_steps(config), sdiff.learned_variance
       ),
       config.sampling.batch_size // local,
       lambda b: b * d,
@@ -204,9 +204,7 @@ def build_programs(config, devices) -> dict[str, Program]:
         return pool3, jax.nn.softmax(logits, axis=-1)
 
       x = jax.ShapeDtypeStruct((d, b, size, size, 3), jnp.float32)
-      return jax.pmap(apply, axis_name=state_lib.AXIS, devices=devices).lower(
-          _abstract(variables, d), x
-      )
+      return parallel.pmap(apply, devices).lower(_abstract(variables, d), x)
 
     out["fid_features"] = Program(
         "fid_features",

@@ -62,7 +62,7 @@ def get_config():
   # rematerialise ResNet blocks in the backward pass (saves memory, costs compute)
   model.remat = False
   # True: ddpm_jax/cpu's kernels wherever a program is built for a CPU backend (XLA:CPU's plain
-  # convs train far slower: docs/performance.md), the plain Flax model for GPU and TPU;
+  # convs train far slower: docs/cpu_kernels.md), the plain Flax model for GPU and TPU;
   # False: the plain model everywhere (see ddpm_jax/cpu/__init__.py)
   model.cpu_kernels = True
 
@@ -83,7 +83,7 @@ def get_config():
   # 'mse' (L_simple, paper) | 'kl' (the bound) | 'hybrid' (learned variances)
   diffusion.loss_type = "mse"
 
-  # ---- optimisation (ddpm_jax/training/state.py) ----
+  # ---- optimisation (ddpm_jax/builders.py: create_optimizer) ----
   config.optim = optim = ml_collections.ConfigDict()
   # Adam learning rate after warm-up (paper: 2e-4 CIFAR-10, 2e-5 at 256x256)
   optim.lr = 2e-4

@@ -7,7 +7,9 @@ move to ``jit`` + ``shard_map`` has one file to change.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import collections
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import numpy as np
@@ -28,6 +30,26 @@ def device_sharding(
   return jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.array(devices), (axis_name,)), jax.sharding.PartitionSpec(axis_name)
   )
+
+
+def pmap(fn: Callable, devices: Optional[Sequence[Any]] = None, donate_argnums=()) -> Callable:
+  """``fn`` (written for one device, collectives over ``AXIS``) mapped over ``devices``.
+
+  The one place the sharded programs (the train step, the samplers, the
+  bits/dim step, the feature networks, and the compile check's versions of
+  them) are made: default devices the local ones, the axis ``AXIS``.
+  """
+  return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=donate_argnums)
+
+
+def device_index() -> jax.Array:
+  """This device's index along ``AXIS`` (int32 scalar), inside a ``pmap`` ped function."""
+  return jax.lax.axis_index(AXIS)
+
+
+def mean(tree: Any) -> Any:
+  """Each leaf's mean over the devices of ``AXIS``, inside a ``pmap`` ped function."""
+  return jax.lax.pmean(tree, AXIS)
 
 
 def replicate(tree: Any, devices: Optional[Sequence[Any]] = None) -> Any:
@@ -86,3 +108,43 @@ def any_process(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(np.any(allgather(np.int32(bool(flag)))))
+
+
+def prefetch_to_device(
+    iterator: Iterable[Any],
+    size: int = 2,
+    devices: Optional[Sequence[Any]] = None,
+    axis_name: str = AXIS,
+) -> Iterator[Any]:
+  """Moves batches onto the local devices, sharded, ``size`` in flight.
+
+  Each item is an array or a pytree of arrays whose leading axis has length
+  len(devices) (e.g. [D, b, H, W, C]); leaf x is placed with x[i] on
+  devices[i] (a NamedSharding over a 1-D mesh of ``devices`` named
+  ``axis_name``, the pmap axis name of the consumer: jax 0.10 treats a mesh
+  with another axis name as another sharding and re-lays the batch out on
+  every call). Transfers are asynchronous, so up to ``size`` batches are on
+  their way while the caller works. Yields the device-resident pytrees in order.
+  """
+  devices = list(devices) if devices is not None else jax.local_devices()
+  sharding = device_sharding(devices, axis_name)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] != len(devices):
+      raise ValueError(
+          f"Leading axis of shape {x.shape} must equal the number of devices " f"{len(devices)}."
+      )
+    return jax.device_put(x, sharding)
+
+  queue = collections.deque()
+  iterator = iter(iterator)
+
+  def enqueue(n):
+    for item in itertools.islice(iterator, n):
+      queue.append(jax.tree_util.tree_map(put, item))
+
+  enqueue(max(int(size), 1))
+  while queue:
+    yield queue.popleft()
+    enqueue(1)

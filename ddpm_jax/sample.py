@@ -18,12 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import errors, files, images, progress, workdirs
+from ddpm_jax import builders, errors, files, images, parallel, progress, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.diffusion import guidance, samplers
-from ddpm_jax.training import checkpoint
-from ddpm_jax.training import state as state_lib
-from ddpm_jax.training.state import AXIS
 
 SAMPLES_DIR = "samples"
 
@@ -36,7 +33,7 @@ def sampling_model_fn(model, params, labels, config, diffusion):
   """
   num_classes = config.model.num_classes
   if not num_classes:
-    return state_lib.make_model_fn(model, params)
+    return builders.make_model_fn(model, params)
   labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
   return guidance.guided_model_fn(
       labelled, labels, num_classes, config.sampling.guidance_scale, diffusion.learned_variance
@@ -53,12 +50,12 @@ def make_p_sample(model, diffusion, config, per_device_batch: int, devices=None)
   ``cpu.compile_options.forward_options``. ``devices``: default the local ones.
   """
   s = config.sampling
-  shape = (per_device_batch,) + state_lib.image_shape(config)
+  shape = (per_device_batch,) + builders.image_shape(config)
 
   def sample(params, key, labels):
-    key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
+    key = jax.random.fold_in(key, parallel.device_index())
     model_fn = sampling_model_fn(model, params, labels, config, diffusion)
-    if s.sampler in state_lib.DPM_SOLVERS:
+    if s.sampler in builders.DPM_SOLVERS:
       loop = {
           "dpm_solver++": samplers.dpm_solver_sample_loop,
           "dpm_solver++_sde": samplers.dpm_solver_sde_sample_loop,
@@ -68,7 +65,7 @@ def make_p_sample(model, diffusion, config, per_device_batch: int, devices=None)
           model_fn,
           shape,
           key,
-          num_steps=state_lib.sampling_steps(config),
+          num_steps=builders.sampling_steps(config),
           spacing=s.timestep_spacing,
           thresholding=s.thresholding,
       )
@@ -81,9 +78,7 @@ def make_p_sample(model, diffusion, config, per_device_batch: int, devices=None)
     )
 
   options = compile_options.forward_options() if model.cpu_kernels else None
-  return compile_options.CompiledWithOptions(
-      jax.pmap(sample, axis_name=AXIS, devices=devices), options
-  )
+  return compile_options.CompiledWithOptions(parallel.pmap(sample, devices), options)
 
 
 def labels_in_turn(config) -> Optional[Callable[[np.ndarray], np.ndarray]]:
@@ -155,8 +150,8 @@ def sampler_settings(config) -> dict:
   only samples drawn the way the config asks.
   """
   s = config.sampling
-  out = dict(sampler=s.sampler, num_timesteps=state_lib.sampling_steps(config), seed=int(s.seed))
-  if s.sampler in state_lib.DPM_SOLVERS:
+  out = dict(sampler=s.sampler, num_timesteps=builders.sampling_steps(config), seed=int(s.seed))
+  if s.sampler in builders.DPM_SOLVERS:
     out.update(timestep_spacing=s.timestep_spacing, thresholding=bool(s.thresholding))
   else:
     out.update(
@@ -279,7 +274,7 @@ def run_sample(config, workdir: str) -> str:
   'labels' for a class-conditional model: ``sampling.class_label`` or the
   classes in turn).
   """
-  model, params, step = checkpoint.restore_ema(config, workdir)
+  model, params, step = builders.ema_params(config, workdir)
   s = config.sampling
   d = jax.local_device_count()
   per_call = s.batch_size
@@ -294,14 +289,14 @@ def run_sample(config, workdir: str) -> str:
   )
   check_not_replacing(os.path.join(workdir, SAMPLES_DIR, f"samples_{tag}.npz"), draw)
   workdirs.write_record(config, workdir, "sample")
-  diffusion = state_lib.build_sampling_diffusion(config)
+  diffusion = builders.build_sampling_diffusion(config)
   logging.info(
       "Sampling %d images from the EMA parameters of step %d: %s sampler, %d steps, "
       "%d per call over %d devices",
       s.num_samples,
       step,
       s.sampler,
-      state_lib.sampling_steps(config),
+      builders.sampling_steps(config),
       per_call,
       d,
   )
@@ -312,7 +307,7 @@ def run_sample(config, workdir: str) -> str:
   calls_per_process = -(-num_local // per_call)
   imgs, labels = generate(
       p_sample,
-      state_lib.replicate(params),
+      parallel.replicate(params),
       num_local,
       per_call,
       s.seed,

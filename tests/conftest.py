@@ -72,3 +72,15 @@ def cifar_metadata_dir(tmp_path_factory):
   os.makedirs(builder.data_path, exist_ok=True)
   builder.info.write_to_directory(builder.data_path)
   return data_dir
+
+
+@pytest.fixture(scope="module")
+def host_state():
+  """A fresh TrainState of configs/test.py on the host (numpy leaves), for checkpoint tests."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+
+  config = test_config.get_config()
+  model, tx = builders.build_model(config), builders.create_optimizer(config.optim)
+  return jax.device_get(state_lib.create_train_state(config, model, tx))

@@ -80,6 +80,58 @@ def test_no_module_imports_one_that_imports_it_back():
   assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
 
 
+def layer_table():
+  """[[names of one line], ...] of the table in ddpm_jax/__init__.py's docstring, top first."""
+  with open(os.path.join(PACKAGE, "__init__.py")) as f:
+    doc = ast.get_docstring(ast.parse(f.read()))
+  lines = doc.split("\n")
+  start = next(i for i, l in enumerate(lines) if l.startswith("Layers"))
+  rows = [l for l in lines[start:] if l.startswith("  ")]
+  return [re.split(r"\s{2,}", l.strip())[0].split(", ") for l in rows]
+
+
+def _layer_of(module, table):
+  """Index of the line of ``table`` that names ``module`` ('ddpm_jax.a.b' is named by 'a')."""
+  name = module.split(".")[1]
+  return next((i for i, names in enumerate(table) if name in names), None)
+
+
+def test_each_module_imports_only_the_layers_above_it():
+  """The layer table of ddpm_jax/__init__.py is what the code does, package by package."""
+  table = layer_table()
+  assert ["errors"] in table and ["compile_check"] in table and len(table) >= 12
+  edges = import_graph()
+  unlisted = [m for m in edges if m != "ddpm_jax" and _layer_of(m, table) is None]
+  assert not unlisted, f"modules the table of ddpm_jax/__init__.py does not place: {unlisted}"
+  wrong = []
+  for module, imported in edges.items():
+    if module == "ddpm_jax":
+      continue
+    for other in imported:
+      same_package = module.split(".")[1] == other.split(".")[1]
+      if not same_package and _layer_of(other, table) >= _layer_of(module, table):
+        wrong.append(f"{module} imports {other}")
+  assert not wrong, sorted(wrong)
+
+
+def test_the_layer_check_sees_a_wrong_way_import(monkeypatch):
+  """An import of a lower line, or of a line's neighbour, is reported."""
+  table = [["errors"], ["builders"], ["training", "evaluation"]]
+  assert _layer_of("ddpm_jax.training.loop", table) == 2
+  assert _layer_of("ddpm_jax.builders", table) == 1
+  assert _layer_of("ddpm_jax.nowhere", table) is None
+  assert not _layer_of("ddpm_jax.evaluation.fid", table) > _layer_of(
+      "ddpm_jax.training.step", table
+  )
+
+
+def test_the_programs_other_than_training_do_not_import_training():
+  """Sampling, evaluation and the converter start from the builders, not from training/."""
+  for module, imported in import_graph().items():
+    if module.startswith(("ddpm_jax.sample", "ddpm_jax.evaluation", "ddpm_jax.convert")):
+      assert not [m for m in imported if m.startswith("ddpm_jax.training")], module
+
+
 def test_the_core_knows_nothing_of_flax_nor_of_the_programs():
   """diffusion/ and cpu/ are pure JAX; the model never imports the diffusion process."""
   modules = _modules()

@@ -6,18 +6,15 @@ and the train state's contents, not against the code's own numbers.
 
 import dataclasses
 import json
-import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 pytest.importorskip("libtpu")
 
 from configs import test as test_config
-from ddpm_jax import compile_check, errors, tpu
-from ddpm_jax.training import state as state_lib
+from ddpm_jax import builders, compile_check, errors, tpu
 
 
 def tiny_config(**model):
@@ -71,8 +68,8 @@ def test_train_step_argument_bytes(v5e_4):
   row = compile_check.report_program(
       config, v5e_4, tpu.parse("v5e-4"), compile_check.build_programs(config, v5e_4)["train"]
   )
-  model = state_lib.build_model(config, platform="tpu")
-  p = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state_lib.abstract_params(model, config)))
+  model = builders.build_model(config, platform="tpu")
+  p = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(builders.abstract_params(model, config)))
   b = 8 // len(v5e_4)
   expected = (
       4 * 4 * p  # params, ema_params, Adam mu and nu
@@ -148,7 +145,7 @@ def test_forward_flops_per_image(v5e_4):
   config.data.image_size = 16
   config.model.attn_resolutions = (8,)
   b = 4
-  model = state_lib.build_model(config, platform="tpu")
+  model = builders.build_model(config, platform="tpu")
   compiled = compile_check._forward_program(model, config, v5e_4, b, False).compile()
   flops, seconds = compile_check._cost(compiled)
   m = config.model
@@ -166,8 +163,8 @@ def test_tpu_program_has_no_cpu_kernels(v5e_4):
   plain = config.copy_and_resolve_references()
   plain.model.cpu_kernels = False
   assert config.model.cpu_kernels  # the default
-  assert state_lib.build_model(config, platform="cpu").cpu_kernels
-  assert not state_lib.build_model(config, platform="tpu").cpu_kernels
+  assert builders.build_model(config, platform="cpu").cpu_kernels
+  assert not builders.build_model(config, platform="tpu").cpu_kernels
   texts = []
   for c in (config, plain):
     program = compile_check.build_programs(c, v5e_4)["train"]

@@ -10,11 +10,10 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from ddpm_jax import errors, sample
+from ddpm_jax import builders, errors, parallel, sample
 from ddpm_jax.data import order, pipeline, sources
 from ddpm_jax.diffusion import guidance, samplers, schedules
 from ddpm_jax.diffusion.gaussian import GaussianDiffusion
-from ddpm_jax.training import state as state_lib
 from ddpm_jax.training import step as step_lib
 from ddpm_jax.training import timesteps
 
@@ -166,8 +165,8 @@ def test_guided_output_is_the_formula(learned_variance):
 @pytest.fixture(scope="module")
 def conditional_model():
   config = conditional_config()
-  model = state_lib.build_model(config)
-  params = state_lib.init_params(model, config, jax.random.PRNGKey(0))
+  model = builders.build_model(config)
+  params = builders.init_params(model, config, jax.random.PRNGKey(0))
   # The paper's init zeroes the residual branches and the output; random weights everywhere
   # make the label (and so the tests) matter.
   leaves, tree = jax.tree.flatten(params)
@@ -208,7 +207,7 @@ def test_the_batched_two_branch_call_equals_two_calls(conditional_model):
 def test_guidance_zero_is_plain_conditional_sampling_bit_for_bit(conditional_model):
   config, model, params = conditional_model
   config.sampling.num_steps = 10
-  diffusion = state_lib.build_sampling_diffusion(config)
+  diffusion = builders.build_sampling_diffusion(config)
   labels = jnp.arange(4, dtype=jnp.int32)
   labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
 
@@ -218,7 +217,7 @@ def test_guidance_zero_is_plain_conditional_sampling_bit_for_bit(conditional_mod
     )(jax.random.PRNGKey(5))
 
   guided = run(guidance.guided_model_fn(labelled, labels, 10, 0.0))
-  plain = run(state_lib.make_model_fn(model, params, labels=labels))
+  plain = run(builders.make_model_fn(model, params, labels=labels))
   np.testing.assert_array_equal(np.asarray(guided), np.asarray(plain))
   assert (
       float(jnp.abs(run(guidance.guided_model_fn(labelled, labels, 10, 1.0)) - plain).max()) > 1e-3
@@ -233,13 +232,13 @@ def test_the_sde_solver_samples_a_guided_model_through_make_p_sample(conditional
   config = ml_collections.ConfigDict(config.to_dict())
   config.sampling.sampler, config.sampling.num_steps = "dpm_solver++_sde", 5
   config.sampling.guidance_scale, config.sampling.timestep_spacing = 1.0, "logsnr"
-  diffusion = state_lib.build_sampling_diffusion(config)
+  diffusion = builders.build_sampling_diffusion(config)
   assert diffusion.num_timesteps == config.diffusion.num_timesteps
   d = jax.local_device_count()
   labels = np.arange(2 * d, dtype=np.int32).reshape(d, 2) % 10
   p_sample = sample.make_p_sample(model, diffusion, config, per_device_batch=2)
   key = jax.random.PRNGKey(7)
-  got = np.asarray(p_sample(state_lib.replicate(params), jnp.broadcast_to(key, (d, 2)), labels))
+  got = np.asarray(p_sample(parallel.replicate(params), jnp.broadcast_to(key, (d, 2)), labels))
   labelled = lambda x, t, y: model.apply({"params": params}, x, t, y)
   want = samplers.dpm_solver_sde_sample_loop(
       diffusion,

@@ -31,8 +31,7 @@ diffusers = pytest.importorskip("diffusers")
 from ddpm_jax import errors  # pylint: disable=g-import-not-at-top
 from ddpm_jax.convert import diffusers as convert  # pylint: disable=g-import-not-at-top
 from ddpm_jax.models.unet import count_params  # pylint: disable=g-import-not-at-top
-from ddpm_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
-from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+from ddpm_jax import builders, checkpoints  # pylint: disable=g-import-not-at-top
 
 # The released models' UNet2DModel settings (config.json of google/ddpm-*).
 COMMON = dict(
@@ -123,7 +122,7 @@ def _jax_forward(config, params):
   over: embedded in the program, the 256x256 model's 0.45 GB made XLA's
   compile most of that test's time.
   """
-  model = state_lib.build_model(config)
+  model = builders.build_model(config)
   fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
   return lambda x, t: fwd(params, x, t)
 
@@ -238,8 +237,8 @@ def test_ancestral_sampling_matches_ddpm_scheduler(tmp_path):
   ref_traj = np.stack(ref_traj)
 
   # ours: GaussianDiffusion.p_mean_variance with the given noise, one lax.scan
-  model = state_lib.build_model(config)
-  diffusion = state_lib.build_diffusion(config)
+  model = builders.build_model(config)
+  diffusion = builders.build_diffusion(config)
   zs = jnp.asarray(z[::-1].transpose(0, 1, 3, 4, 2))  # in step order t = T-1 .. 0, NHWC
 
   @jax.jit
@@ -454,12 +453,12 @@ def test_workdir_restores_and_gives_the_same_outputs(small_folder, tmp_path, cap
   config = _load_config_py(str(workdir / "config.py"))
   assert tuple(config.model.ch_mult) == (1, 2) and tuple(config.model.attn_resolutions) == (4,)
   assert config.data.image_size == 8
-  model = state_lib.build_model(config)
+  model = builders.build_model(config)
   target = jax.eval_shape(
-      functools.partial(state_lib.init_params, model, config), jax.random.PRNGKey(0)
+      functools.partial(builders.init_params, model, config), jax.random.PRNGKey(0)
   )
-  manager = checkpoint.create_manager(str(workdir), read_only=True)
-  params, step = checkpoint.restore_ema_params(manager, target, config)
+  manager = checkpoints.create_manager(str(workdir), read_only=True)
+  params, step = checkpoints.restore_ema_params(manager, target, config)
   assert step == 7
 
   x = np.random.RandomState(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
@@ -508,9 +507,9 @@ def test_released_configs_accept_the_released_architecture(name):
   assert (config.diffusion.beta_start, config.diffusion.beta_end) == (1e-4, 0.02)
   want_var = "fixedlarge" if name == "ddpm_cifar10" else "fixedsmall"
   assert config.diffusion.model_var_type == want_var
-  model = state_lib.build_model(config)
+  model = builders.build_model(config)
   target = jax.eval_shape(
-      functools.partial(state_lib.init_params, model, config), jax.random.PRNGKey(0)
+      functools.partial(builders.init_params, model, config), jax.random.PRNGKey(0)
   )
   assert count_params(target) == (35_746_307 if name == "ddpm_cifar10" else 113_673_219)
 

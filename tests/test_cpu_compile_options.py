@@ -10,7 +10,7 @@ import pytest
 from configs import test as test_config
 from ddpm_jax import sample
 from ddpm_jax.cpu import compile_options
-from ddpm_jax.training import state
+from ddpm_jax import builders, parallel
 
 
 def _ynn_reduce_fusions(hlo_text):
@@ -45,17 +45,17 @@ def test_rejected_option_falls_back_to_the_defaults():
 def test_sampler_with_and_without_cpu_options_agree():
   config = test_config.get_config()
   config.sampling.num_steps = 10  # a respaced 10-step sampler keeps the test short
-  params = state.replicate(
-      state.init_params(state.build_model(config), config, jax.random.PRNGKey(0))
+  params = parallel.replicate(
+      builders.init_params(builders.build_model(config), config, jax.random.PRNGKey(0))
   )
-  diffusion = state.build_sampling_diffusion(config)
+  diffusion = builders.build_sampling_diffusion(config)
   d = jax.local_device_count()
   keys = jnp.broadcast_to(jax.random.PRNGKey(3), (d, 2))
   out = {}
   for enabled in (True, False):
     config.model.cpu_kernels = enabled  # the options come with the CPU kernels
     p_sample = sample.make_p_sample(
-        state.build_model(config), diffusion, config, per_device_batch=2
+        builders.build_model(config), diffusion, config, per_device_batch=2
     )
     assert (p_sample.options is not None) == enabled
     out[enabled] = np.asarray(p_sample(params, keys, None))

@@ -3,9 +3,7 @@
 import itertools
 import logging
 import os
-import subprocess
-import sys
-import textwrap
+import re
 import time
 
 import ml_collections
@@ -14,10 +12,13 @@ import pytest
 from PIL import Image
 from sklearn import datasets as sk_datasets
 
+from configs import test as test_config
 from ddpm_jax import errors
 from ddpm_jax import images as image_lib
 from ddpm_jax.data import order, pipeline, sources
+from helpers import write_images
 
+IMAGE_EXTS = ".png, .jpg, .jpeg, .webp, .bmp"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -347,63 +348,39 @@ def test_folder_crop_resize_and_skipped_files(tmp_path, caplog):
   assert batch.min() >= -1 and batch.max() <= 1
 
 
-# ---------------------------------------------------------------- device --
+# ------------------------------------------------- undecodable, unprepared --
 
 
-def test_prefetch_to_device_single_device():
-  import jax
-
-  devices = jax.local_devices()[:1]
-  source = [(np.full((1, 4, 8, 8, 1), i, np.float32), np.ones((1, 4), bool)) for i in range(5)]
-  out = list(pipeline.prefetch_to_device(iter(source), 2, devices))
-  assert len(out) == 5
-  for i, (images, mask) in enumerate(out):
-    assert isinstance(images, jax.Array) and isinstance(mask, jax.Array)
-    assert images.shape == (1, 4, 8, 8, 1)
-    assert {s.device for s in images.addressable_shards} == set(devices)
-    np.testing.assert_array_equal(np.asarray(images), source[i][0])
-  with pytest.raises(ValueError, match="number of devices"):
-    list(pipeline.prefetch_to_device(iter([np.zeros((3, 2))]), 2, devices))
+def test_undecodable_images_are_skipped_and_counted(tmp_path, caplog):
+  folder = str(tmp_path / "images")
+  write_images(folder, good=3, bad=2)
+  with caplog.at_level(logging.WARNING):
+    split, skipped = sources.load_image_folder(folder, 8, channels=1)
+  assert split.images.shape == (3, 8, 8, 1) and skipped == 2
+  assert f"Skipped 2 of 5 image files under {folder} that could not be decoded." in caplog.text
 
 
-def test_prefetch_to_device_four_cpu_devices_subprocess():
-  script = textwrap.dedent("""
-      import itertools, jax, numpy as np, ml_collections
-      from ddpm_jax.data import pipeline
-      devices = jax.local_devices()
-      assert len(devices) == 4, devices
-      cfg = ml_collections.ConfigDict(dict(
-          dataset='digits', image_size=8, channels=1, random_flip=True,
-          data_dir=None, folder='', train_split='train', eval_split='test',
-          in_memory=True, shuffle_seed=1, shuffle_buffer_size=1))
-      images = lambda: (b["image"] for b in pipeline.create_train_iterator(cfg, 32, 0, 0, 1, 4))
-      host = list(itertools.islice(images(), 3))
-      it = pipeline.prefetch_to_device(images(), 2, devices)
-      step = jax.pmap(lambda x: x.sum())
-      for h, d in zip(host, itertools.islice(it, 3)):
-        assert d.shape == (4, 8, 8, 8, 1)
-        shards = sorted(d.addressable_shards, key=lambda s: s.index[0].start)
-        assert [s.device for s in shards] == devices
-        for i, s in enumerate(shards):
-          assert s.data.shape == (1, 8, 8, 8, 1)
-          np.testing.assert_array_equal(np.asarray(s.data), h[i:i + 1])
-        np.testing.assert_allclose(np.asarray(step(d)), h.sum(axis=(1, 2, 3, 4)),
-                                   rtol=1e-5)
-      print('OK')
-  """)
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (
-      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-  ).strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  result = subprocess.run(
-      [sys.executable, "-c", script],
-      env=env,
-      cwd=REPO_ROOT,
-      capture_output=True,
-      text=True,
-      timeout=120,
+def test_folder_with_only_undecodable_images(tmp_path):
+  folder = str(tmp_path / "images")
+  write_images(folder, good=0, bad=2)
+  with pytest.raises(errors.DataError) as e:
+    sources.load_image_folder(folder, 8, channels=1)
+  assert str(e.value) == (
+      f"No decodable image ({IMAGE_EXTS}) under data.folder={folder!r} " "(2 undecodable files)."
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "OK" in result.stdout
+
+
+def test_tfds_dataset_not_prepared_fails_at_once_with_instructions(tmp_path):
+  config = test_config.get_config()
+  config.data.dataset, config.data.channels = "cifar10", 3
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(errors.DataNotPreparedError) as e:
+    sources.get_tfds_builder(config.data)
+  message = str(e.value)
+  assert re.match(
+      rf"TFDS data set 'cifar10' \(version [\d.]+\) is not prepared: no "
+      rf"dataset_info.json in {re.escape(str(tmp_path))}/cifar10/[\d.]+\. Nothing is "
+      r"downloaded here\.",
+      message,
+  ), message
+  assert f"tfds build cifar10 --data_dir={tmp_path}" in message

@@ -17,13 +17,12 @@ import pytest
 from PIL import Image
 
 from configs import test as test_config
-from ddpm_jax import errors, sample
+from ddpm_jax import builders, checkpoints, errors, sample
 from ddpm_jax import images as image_lib
 from ddpm_jax.data import sources
 from ddpm_jax.diffusion import schedules
 from ddpm_jax.diffusion.gaussian import GaussianDiffusion
 from ddpm_jax.evaluation import bpd, digits_classifier, features, fid, figures, metrics
-from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +40,8 @@ def small_config():
 
 def write_checkpoint(workdir, config):
   """A checkpoint at STEP whose EMA parameters are the init plus noise (no training needed)."""
-  model = state_lib.build_model(config)
-  tx = state_lib.create_optimizer(config.optim)
+  model = builders.build_model(config)
+  tx = builders.create_optimizer(config.optim)
   state = jax.device_get(state_lib.create_train_state(config, model, tx))
   rng = np.random.default_rng(0)
   ema = jax.tree.map(
@@ -50,8 +49,8 @@ def write_checkpoint(workdir, config):
       state.ema_params,
   )
   state = state.replace(ema_params=ema, step=np.int32(STEP))
-  manager = checkpoint.create_manager(workdir)
-  checkpoint.save(manager, state, config)
+  manager = checkpoints.create_manager(workdir)
+  checkpoints.save(manager, state, config)
   return ema
 
 
@@ -127,13 +126,13 @@ def test_eval_bpd_writes_the_bound_and_matches_calc_bpd_loop(tmp_path, trained):
 
   # Independent computation: calc_bpd_loop on single examples with the documented keys,
   # including example 19, which sat in the padded last batch.
-  model = state_lib.build_model(config)
-  diffusion = state_lib.build_diffusion(config)
+  model = builders.build_model(config)
+  diffusion = builders.build_diffusion(config)
   images = image_lib.scale_images(sources.load_split_array(config.data, config.data.eval_split)[:n])
 
   @jax.jit
   def direct(x, key):
-    model_fn = state_lib.make_model_fn(model, ema, train=False)
+    model_fn = builders.make_model_fn(model, ema, train=False)
     return diffusion.calc_bpd_loop(model_fn, x, key, clip_denoised=True)
 
   for i in (0, 9, 19):
@@ -271,7 +270,7 @@ def test_samples_drawn_another_way_get_another_file(tmp_path):
       thresholding=True,
   )
   sde.sampling.num_steps = 50
-  assert state_lib.build_sampling_diffusion(sde).num_timesteps == 100  # all T: picks its own times
+  assert builders.build_sampling_diffusion(sde).num_timesteps == 100  # all T: picks its own times
   # Two draws that differ only in eta: both files survive, each with its own settings.
   written = {}
   for eta in (0.0, 1.0):

@@ -1,13 +1,19 @@
-"""ddpm_jax/parallel.py: replicas over the local devices, the gathers, the stop agreement."""
+"""ddpm_jax/parallel.py: replicas and batches on the local devices, the gathers, the stop agreement."""
 
+import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 from ddpm_jax import parallel
 from ddpm_jax.training import loop
-from ddpm_jax.training import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_replicate_puts_one_copy_on_each_device_and_unreplicate_reads_one_back():
@@ -29,12 +35,6 @@ def test_one_process_gathers_add_the_process_axis():
   got = parallel.allgather({"a": np.arange(3), "b": np.float32(2.0)})
   assert got["a"].shape == (1, 3) and got["b"].shape == (1,)
   assert parallel.any_process(True) is True and parallel.any_process(False) is False
-
-
-def test_the_old_names_are_the_same_objects():
-  """training/state.py re-exports them: code that imports them from there still works."""
-  for name in ("AXIS", "device_sharding", "replicate", "unreplicate"):
-    assert getattr(state_lib, name) is getattr(parallel, name), name
 
 
 def test_processes_compare_stop_flags_only_where_asked(monkeypatch):
@@ -62,3 +62,63 @@ def test_processes_compare_stop_flags_only_where_asked(monkeypatch):
   # One process stops at once, at any step.
   monkeypatch.setattr(jax, "process_count", lambda: 1)
   assert flag.should_stop(agree=False) and gathered == [0, 1, 0]
+
+
+def test_prefetch_to_device_single_device():
+  import jax
+
+  devices = jax.local_devices()[:1]
+  source = [(np.full((1, 4, 8, 8, 1), i, np.float32), np.ones((1, 4), bool)) for i in range(5)]
+  out = list(parallel.prefetch_to_device(iter(source), 2, devices))
+  assert len(out) == 5
+  for i, (images, mask) in enumerate(out):
+    assert isinstance(images, jax.Array) and isinstance(mask, jax.Array)
+    assert images.shape == (1, 4, 8, 8, 1)
+    assert {s.device for s in images.addressable_shards} == set(devices)
+    np.testing.assert_array_equal(np.asarray(images), source[i][0])
+  with pytest.raises(ValueError, match="number of devices"):
+    list(parallel.prefetch_to_device(iter([np.zeros((3, 2))]), 2, devices))
+
+
+def test_prefetch_to_device_four_cpu_devices_subprocess():
+  script = textwrap.dedent("""
+      import itertools, jax, numpy as np, ml_collections
+      from ddpm_jax import parallel
+      from ddpm_jax.data import pipeline
+      devices = jax.local_devices()
+      assert len(devices) == 4, devices
+      cfg = ml_collections.ConfigDict(dict(
+          dataset='digits', image_size=8, channels=1, random_flip=True,
+          data_dir=None, folder='', train_split='train', eval_split='test',
+          in_memory=True, shuffle_seed=1, shuffle_buffer_size=1))
+      images = lambda: (b["image"] for b in pipeline.create_train_iterator(cfg, 32, 0, 0, 1, 4))
+      host = list(itertools.islice(images(), 3))
+      it = parallel.prefetch_to_device(images(), 2, devices)
+      step = jax.pmap(lambda x: x.sum())
+      for h, d in zip(host, itertools.islice(it, 3)):
+        assert d.shape == (4, 8, 8, 8, 1)
+        shards = sorted(d.addressable_shards, key=lambda s: s.index[0].start)
+        assert [s.device for s in shards] == devices
+        for i, s in enumerate(shards):
+          assert s.data.shape == (1, 8, 8, 8, 1)
+          np.testing.assert_array_equal(np.asarray(s.data), h[i:i + 1])
+        np.testing.assert_allclose(np.asarray(step(d)), h.sum(axis=(1, 2, 3, 4)),
+                                   rtol=1e-5)
+      print('OK')
+  """)
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  result = subprocess.run(
+      [sys.executable, "-c", script],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "OK" in result.stdout

@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -24,81 +23,33 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from ddpm_jax.training import checkpoint
+from ddpm_jax import builders, checkpoints
 from ddpm_jax.training import state as state_lib
+from helpers import ENV, ROOT, complete_steps, main_command, read, start_main, wait_for_line
 
 pytestmark = pytest.mark.slow  # every test here runs main.py in subprocesses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
-# Shared with tests/test_errors.py; entries are keyed by the program and the flags.
-COMPILE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's cache (conftest.py)
-# The session's XLA_FLAGS, if any, and two devices.
-ENV = {
-    "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
-    "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-}
-
-
-def complete_steps(workdir):
-  """Steps with a finished (renamed) checkpoint directory in ``workdir``."""
-  d = os.path.join(workdir, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n)))
 
 
 def _cmd(workdir, *args):
-  return [
-      sys.executable,
-      os.path.join(ROOT, "main.py"),
-      "--config",
-      os.path.join(ROOT, "configs/test.py"),
-      f"--workdir={workdir}",
-      f"--config.training.num_train_steps={STEPS}",
-      *args,
-  ]
+  return main_command(f"--workdir={workdir}", f"--config.training.num_train_steps={STEPS}", *args)
 
 
 def _start(workdir, *args):
   """Starts main.py with stdout and stderr going to ``workdir``.log; returns (proc, log path)."""
   log = f"{workdir}.log"
-  with open(log, "w") as f:
-    proc = subprocess.Popen(
-        _cmd(workdir, *args),
-        cwd=ROOT,
-        env={**os.environ, **ENV},
-        stdout=f,
-        stderr=subprocess.STDOUT,
-    )
-  return proc, log
-
-
-def _read(path):
-  with open(path, errors="replace") as f:
-    return f.read()
+  return (
+      start_main(log, f"--workdir={workdir}", f"--config.training.num_train_steps={STEPS}", *args),
+      log,
+  )
 
 
 def _run(workdir, *args, timeout=600):
   """Runs main.py to its end; returns (exit code, combined output)."""
   proc, log = _start(workdir, *args)
   rc = proc.wait(timeout=timeout)
-  return rc, _read(log)
-
-
-def _wait_for_line(proc, log, pattern, timeout=300):
-  """Polls the log until ``pattern`` matches; fails if the process ends first."""
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    m = re.search(pattern, _read(log))
-    if m:
-      return m
-    assert proc.poll() is None, (
-        f"ended (rc {proc.returncode}) before {pattern!r}:\n" + _read(log)[-3000:]
-    )
-    time.sleep(0.005)
-  proc.kill()
-  raise AssertionError(f"no {pattern!r} within {timeout} s:\n" + _read(log)[-3000:])
+  return rc, read(log)
 
 
 # ----------------------------------------------------------------------------
@@ -111,7 +62,7 @@ _TARGET = {}
 def _target():
   if not _TARGET:
     config = test_config.get_config()
-    model, tx = state_lib.build_model(config), state_lib.create_optimizer(config.optim)
+    model, tx = builders.build_model(config), builders.create_optimizer(config.optim)
     _TARGET["state"] = jax.device_get(state_lib.create_train_state(config, model, tx))
   return _TARGET["state"]
 
@@ -119,9 +70,9 @@ def _target():
 def load(workdir, step=None):
   """The state of checkpoint ``step`` (None: what resuming would restore), as numpy."""
   config = test_config.get_config()
-  manager = checkpoint.create_manager(workdir, read_only=True)
+  manager = checkpoints.create_manager(workdir, read_only=True)
   if step is None:
-    state = checkpoint.restore_train_state(manager, _target(), config)
+    state = checkpoints.restore_train_state(manager, _target(), config)
     return None if state is None else jax.device_get(state)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -138,7 +89,7 @@ def load(workdir, step=None):
   )
   core = out["state"]
   return jax.device_get(
-      state_lib.TrainState(
+      checkpoints.TrainState(
           step=core["step"],
           params=core["params"],
           ema_params=out["ema_params"],
@@ -198,10 +149,10 @@ def test_sigterm_checkpoints_exits_143_and_resumes_bitwise(tmp_path, reference):
   workdir = str(tmp_path / "run")
   args = ("--config.training.checkpoint_every_steps=4", "--config.training.log_every_steps=1")
   proc, log = _start(workdir, *args)
-  _wait_for_line(proc, log, rf"step 1/{STEPS} ")
+  wait_for_line(proc, log, rf"step 1/{STEPS} ")
   proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=300) == 143, _read(log)[-3000:]
-  out = _read(log)
+  assert proc.wait(timeout=300) == 143, read(log)[-3000:]
+  out = read(log)
   assert "SIGTERM received: stopping after this step, once its checkpoint is written" in out
   m = re.search(r"Signal 15 received: checkpointing step (\d+) and stopping", out)
   assert m, out[-3000:]
@@ -229,7 +180,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_bitwise(tmp_path, referen
   rng = random.Random(KILL_SEED)
   k, delay = rng.randint(2, 8), rng.uniform(0.0, 0.03)
   workdir = str(tmp_path / "run")
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  ckpt_dir = checkpoints.checkpoint_dir(workdir)
   # keep_checkpoints=2: old checkpoints are being deleted too while it is killed.
   args = (
       "--config.training.checkpoint_every_steps=1",
@@ -241,9 +192,9 @@ def test_sigkill_during_a_checkpoint_write_then_resume_bitwise(tmp_path, referen
   deadline = time.time() + 300
   while len(seen) < k:
     assert proc.poll() is None, (
-        f"ended before the kill (rc {proc.returncode}):\n" + _read(log)[-3000:]
+        f"ended before the kill (rc {proc.returncode}):\n" + read(log)[-3000:]
     )
-    assert time.time() < deadline, _read(log)[-3000:]
+    assert time.time() < deadline, read(log)[-3000:]
     try:
       seen.update(n.split(".")[0] for n in os.listdir(ckpt_dir) if ".orbax-checkpoint-tmp" in n)
     except FileNotFoundError:
@@ -324,7 +275,7 @@ def test_damaged_newest_checkpoint_is_never_loaded(tmp_path, reference, how, cap
   ref_dir, _ = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(ref_dir, workdir)
-  CORRUPTIONS[how](os.path.join(checkpoint.checkpoint_dir(workdir), str(STEPS)))
+  CORRUPTIONS[how](os.path.join(checkpoints.checkpoint_dir(workdir), str(STEPS)))
   with caplog.at_level("WARNING"):
     state = load(workdir)
   assert int(state.step) == STEPS - 1
@@ -337,7 +288,7 @@ def test_resume_over_a_damaged_checkpoint_replays_to_the_same_state(tmp_path, re
   ref_dir, ref_final = reference
   workdir = str(tmp_path / "run")
   shutil.copytree(ref_dir, workdir)
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  ckpt_dir = checkpoints.checkpoint_dir(workdir)
   CORRUPTIONS["params_bits_flipped"](os.path.join(ckpt_dir, str(STEPS)))
   rc, out = _run(
       workdir,
@@ -375,7 +326,7 @@ def test_nan_policy_stop_exits_1_naming_the_step_and_the_intact_checkpoint(tmp_p
   # checkpoint_every_steps=2, log_every_steps=2 (configs/test.py)
   rc, out = _run(workdir, *POISON, "--config.training.nan_policy=stop")
   assert rc == 1, out[-3000:]
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  ckpt_dir = checkpoints.checkpoint_dir(workdir)
   # debug_poison_step counts from 0: the batch of step index 5 is the 6th update, and
   # steps are logged 1-based ("step 6/8" is the state after 6 updates).
   assert _error_lines(out) == [
@@ -429,7 +380,7 @@ def test_nan_policy_skip_stops_after_max_consecutive_nonfinite(tmp_path):
   assert _error_lines(out) == [
       "error: stopped at step 6 after 1 non-finite step(s) in a row "
       "(training.nan_policy='skip', training.max_consecutive_nonfinite=1); "
-      f"the last good checkpoint, step 4 in {checkpoint.checkpoint_dir(workdir)}, is intact"
+      f"the last good checkpoint, step 4 in {checkpoints.checkpoint_dir(workdir)}, is intact"
   ]
   assert "Traceback" not in out
   assert all_finite(load(workdir).params)
@@ -446,7 +397,7 @@ def test_a_second_training_into_the_same_workdir_stops_at_once(tmp_path, referen
   _, ref_final = reference
   workdir = str(tmp_path / "run")
   first, first_log = _start(workdir, "--config.training.log_every_steps=1")
-  _wait_for_line(first, first_log, r"Model: ")  # past the lock
+  wait_for_line(first, first_log, r"Model: ")  # past the lock
   second = subprocess.run(
       _cmd(workdir, "--config.optim.lr=2e-3"),
       cwd=ROOT,
@@ -465,7 +416,7 @@ def test_a_second_training_into_the_same_workdir_stops_at_once(tmp_path, referen
       r"or use another --workdir",
       lines[0],
   ), lines[0]
-  assert first.wait(timeout=600) == 0, _read(first_log)[-3000:]
+  assert first.wait(timeout=600) == 0, read(first_log)[-3000:]
   assert_states_equal(load(workdir), ref_final)
 
 
@@ -509,8 +460,8 @@ def _start_pair(workdir, *args):
 
 def _wait_pair(pair, timeout=600, status=0):
   for proc, log in pair:
-    assert proc.wait(timeout=timeout) == status, _read(log)[-3000:]
-  return [_read(log) for _, log in pair]
+    assert proc.wait(timeout=timeout) == status, read(log)[-3000:]
+  return [read(log) for _, log in pair]
 
 
 def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and_agree_on_sigterm(
@@ -546,20 +497,20 @@ def test_two_processes_match_one_process_then_set_a_corrupt_checkpoint_aside_and
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5, err_msg=name)
   assert complete_steps(multi) == [2, 4]
 
-  CORRUPTIONS["params_bits_flipped"](os.path.join(checkpoint.checkpoint_dir(multi), "4"))
+  CORRUPTIONS["params_bits_flipped"](os.path.join(checkpoints.checkpoint_dir(multi), "4"))
   pair = _start_pair(
       multi,
       "--config.training.num_train_steps=200",
       "--config.training.checkpoint_every_steps=2",
       "--config.training.log_every_steps=2",
   )
-  _wait_for_line(*pair[0], r"step 4/200 ")
+  wait_for_line(*pair[0], r"step 4/200 ")
   pair[1][0].send_signal(signal.SIGTERM)
   outs = _wait_pair(pair, status=143)
   for out in outs:
     assert "Resumed from the checkpoint at step 2 " in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-  assert os.path.isdir(os.path.join(multi, checkpoint.UNREADABLE_DIR, "4"))
+  assert os.path.isdir(os.path.join(multi, checkpoints.UNREADABLE_DIR, "4"))
   steps = [
       re.search(
           r"(?:Signal 15 received|Another process received a stop signal): "
@@ -591,15 +542,15 @@ def test_ctrl_c_during_compilation_is_acknowledged_and_a_second_stops_at_once(tm
       "--config.training.log_every_steps=100",
       "--config.training.checkpoint_every_steps=100",
   )
-  _wait_for_line(proc, log, r"Training steps 1 to 200 \(the first call compiles\)")
+  wait_for_line(proc, log, r"Training steps 1 to 200 \(the first call compiles\)")
   proc.send_signal(signal.SIGINT)
   start = time.time()
-  _wait_for_line(proc, log, r"SIGINT \(Ctrl-C\) received: stopping after this step", timeout=10)
+  wait_for_line(proc, log, r"SIGINT \(Ctrl-C\) received: stopping after this step", timeout=10)
   assert time.time() - start < 10
-  assert "step 100/200" not in _read(log)  # still compiling or in the first call
+  assert "step 100/200" not in read(log)  # still compiling or in the first call
   proc.send_signal(signal.SIGINT)
-  assert proc.wait(timeout=30) == 130, _read(log)[-3000:]
-  out = _read(log)
+  assert proc.wait(timeout=30) == 130, read(log)[-3000:]
+  out = read(log)
   assert "step 100/200" not in out, out[-3000:]
   lines = [line for line in out.splitlines() if line.startswith("error:")]
   assert lines == [

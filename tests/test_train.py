@@ -5,8 +5,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +14,14 @@ from PIL import Image
 import pytest
 
 from configs import test as test_config
-from ddpm_jax import config_loading
+from ddpm_jax import builders, checkpoints, config_loading, parallel
+from ddpm_jax import cpu as cpu_lib
 from ddpm_jax import images as image_lib
-from ddpm_jax.data import order, pipeline, sources
-from ddpm_jax.training import checkpoint, loop
+from ddpm_jax.data import order, sources
+from ddpm_jax.training import loop
 from ddpm_jax.training import state as state_lib
 from ddpm_jax.training import step as step_lib
+from helpers import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,11 +45,11 @@ def run_steps(config, devices, num_steps):
   Returns the host states after each call and the metrics of each step.
   """
   n = config.training.steps_per_call
-  model = state_lib.build_model(config)
-  diffusion = state_lib.build_diffusion(config)
-  tx = state_lib.create_optimizer(config.optim)
+  model = builders.build_model(config)
+  diffusion = builders.build_diffusion(config)
+  tx = builders.create_optimizer(config.optim)
   state = state_lib.create_train_state(config, model, tx)
-  p_state = state_lib.replicate(state, devices)
+  p_state = parallel.replicate(state, devices)
   p_step = step_lib.make_p_train_step(model, diffusion, tx, config, devices=devices)
   split = sources.load_split(config.data, "train")
   images, labels = split.images, split.labels if config.model.num_classes else None
@@ -70,10 +70,10 @@ def run_steps(config, devices, num_steps):
         for s in range(first, first + n)
     ]
     batch = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *steps)  # [D, n, b, H, W, C]
-    batch = next(pipeline.prefetch_to_device(iter([batch]), 1, devices))
+    batch = next(parallel.prefetch_to_device(iter([batch]), 1, devices))
     p_state, m = p_step(p_state, batch)
     assert m["loss"].shape == (len(devices), n)  # [devices, steps]
-    states.append(state_lib.unreplicate(p_state))
+    states.append(parallel.unreplicate(p_state))
     metrics.extend(jax.device_get(jax.tree.map(lambda x: x[0, i], m)) for i in range(n))
   return states, metrics
 
@@ -156,9 +156,9 @@ def test_every_config_builds_the_cpu_kernels_for_a_cpu_only():
     assert config_loading.load_file(path).model.cpu_kernels is True, path
   config = test_config.get_config()
   assert jax.default_backend() == "cpu"
-  assert state_lib.cpu_kernels_active(config) and state_lib.cpu_kernels_active(config, "cpu")
-  assert not state_lib.cpu_kernels_active(config, "tpu")
-  assert not state_lib.cpu_kernels_active(config, "gpu")
+  assert cpu_lib.cpu_kernels_active(config) and cpu_lib.cpu_kernels_active(config, "cpu")
+  assert not cpu_lib.cpu_kernels_active(config, "tpu")
+  assert not cpu_lib.cpu_kernels_active(config, "gpu")
 
   def kernel_convs(model):
     x, t = jnp.zeros((2, 8, 8, 1), jnp.float32), jnp.zeros((2,), jnp.int32)
@@ -166,13 +166,13 @@ def test_every_config_builds_the_cpu_kernels_for_a_cpu_only():
     jaxpr = str(jax.make_jaxpr(model.apply)(params, x, t))
     return re.findall(r"custom_jvp_call\[\s*name=(conv2d|conv3x3)\b", jaxpr)
 
-  assert state_lib.build_model(config).cpu_kernels
-  assert len(kernel_convs(state_lib.build_model(config))) > 10
-  assert not state_lib.build_model(config, "tpu").cpu_kernels
-  assert kernel_convs(state_lib.build_model(config, "tpu")) == []
+  assert builders.build_model(config).cpu_kernels
+  assert len(kernel_convs(builders.build_model(config))) > 10
+  assert not builders.build_model(config, "tpu").cpu_kernels
+  assert kernel_convs(builders.build_model(config, "tpu")) == []
   config.model.cpu_kernels = False
-  assert not state_lib.build_model(config).cpu_kernels
-  assert kernel_convs(state_lib.build_model(config)) == []
+  assert not builders.build_model(config).cpu_kernels
+  assert kernel_convs(builders.build_model(config)) == []
 
 
 @pytest.mark.slow
@@ -193,7 +193,7 @@ def test_flat_and_tree_all_reduce_are_the_same_steps():
   # Independent of both: pmean of a [D, n] tree by hand, as numpy's mean over devices.
   tree = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32([[1.5], [-2.0]])}
   mean = jax.pmap(
-      lambda t: step_lib._device_mean(t, "flat"), axis_name=state_lib.AXIS, devices=devices
+      lambda t: step_lib._device_mean(t, "flat"), axis_name=parallel.AXIS, devices=devices
   )(tree)
   np.testing.assert_array_equal(np.asarray(mean["a"]), np.tile(tree["a"].mean(0), (2, 1)))
   np.testing.assert_array_equal(np.asarray(mean["b"]), np.tile(tree["b"].mean(0), (2, 1)))
@@ -224,7 +224,7 @@ def test_optimizer_is_adam_with_warmup_and_global_norm_clipping():
   config = test_config.get_config()
   config.optim.eps = 1.0  # makes Adam's update depend on the gradient's scale
   config.optim.warmup_steps = 4
-  tx = state_lib.create_optimizer(config.optim)
+  tx = builders.create_optimizer(config.optim)
   params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
   grads = {"w": jnp.array([30.0, -40.0, 0.0]), "b": jnp.array([0.0, 0.0])}  # global norm 50
   ref = optax.adam(1.0, b1=config.optim.beta1, b2=config.optim.beta2, eps=1.0)
@@ -240,13 +240,13 @@ def test_optimizer_is_adam_with_warmup_and_global_norm_clipping():
 def test_cosine_decay_after_warmup_matches_the_closed_form():
   config = test_config.get_config()
   config.optim.lr, config.optim.warmup_steps, config.optim.decay_steps = 1e-3, 10, 110
-  lr_fn = state_lib.learning_rate_schedule(config.optim)
+  lr_fn = builders.learning_rate_schedule(config.optim)
   steps = [0, 5, 10, 35, 60, 85, 110, 200]
   # warm-up to 1e-3 by step 10, then 1e-3 * (1 + cos(pi * (s - 10) / 100)) / 2
   want = [0.0, 5e-4, 1e-3, 1e-3 * (1 + np.sqrt(0.5)) / 2, 5e-4, 1e-3 * (1 - np.sqrt(0.5)) / 2, 0, 0]
   np.testing.assert_allclose([float(lr_fn(s)) for s in steps], want, rtol=1e-6, atol=1e-10)
   config.optim.decay_steps = 0  # the paper's constant rate after warm-up
-  constant = state_lib.learning_rate_schedule(config.optim)
+  constant = builders.learning_rate_schedule(config.optim)
   assert [float(constant(s)) for s in (10, 110, 10**6)] == [float(np.float32(1e-3))] * 3
 
 
@@ -255,26 +255,13 @@ def _xla_flags(devices):
   return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
 
 
-def _main(*args, env=None, timeout=600):
-  cmd = [
-      sys.executable,
-      os.path.join(ROOT, "main.py"),
-      "--config",
-      os.path.join(ROOT, "configs/test.py"),
-      *args,
-  ]
-  e = dict(os.environ)
-  e.update(env or {})
-  return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-
-
 def _final_state(workdir, config=None):
   config = config or test_config.get_config()
-  model = state_lib.build_model(config)
-  tx = state_lib.create_optimizer(config.optim)
+  model = builders.build_model(config)
+  tx = builders.create_optimizer(config.optim)
   target = state_lib.create_train_state(config, model, tx)
-  manager = checkpoint.create_manager(workdir, read_only=True)
-  return checkpoint.restore_train_state(manager, target, config)
+  manager = checkpoints.create_manager(workdir, read_only=True)
+  return checkpoints.restore_train_state(manager, target, config)
 
 
 def assert_states_equal(a, b):
@@ -286,11 +273,11 @@ def assert_states_equal(a, b):
 def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path):
   two_dev = {"XLA_FLAGS": _xla_flags(2)}
   full, part = str(tmp_path / "full"), str(tmp_path / "part")
-  r = _main(f"--workdir={full}", "--config.training.num_train_steps=4", env=two_dev)
+  r = run_main(f"--workdir={full}", "--config.training.num_train_steps=4", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=2", env=two_dev)
+  r = run_main(f"--workdir={part}", "--config.training.num_train_steps=2", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=4", env=two_dev)
+  r = run_main(f"--workdir={part}", "--config.training.num_train_steps=4", env=two_dev)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "Resumed from the checkpoint at step 2" in r.stderr
   a, b = _final_state(full), _final_state(part)
@@ -303,7 +290,7 @@ def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path)
   assert glob.glob(os.path.join(part, "events.out.tfevents.*"))
 
   # --mode=sample writes the documented files from the EMA parameters.
-  r = _main(
+  r = run_main(
       f"--workdir={full}",
       "--mode=sample",
       "--config.sampling.num_samples=6",
@@ -357,7 +344,7 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
   # The full run also draws a grid at step 4: 20 samples, the 10 classes in turn.
   grid = ("--config.training.sample_every_steps=4", "--config.training.num_grid_samples=20")
   for workdir, steps, extra in ((full, 4, grid), (part, 2, ()), (part, 4, ())):
-    r = _main(
+    r = run_main(
         f"--workdir={workdir}", f"--config.training.num_train_steps={steps}", *args, *extra, env=env
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -373,12 +360,12 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
     assert json.load(f) == [str(d) for d in range(10)]
   with open(os.path.join(full, "checkpoints", "4", "meta", "metadata")) as f:
     assert json.load(f)["model.cpu_kernels_active"] is True
-  r = _main(f"--workdir={part}", "--config.training.num_train_steps=6", args[0], env=env)
+  r = run_main(f"--workdir={part}", "--config.training.num_train_steps=6", args[0], env=env)
   assert r.returncode == 1
   assert "config.training.t_sampler='loss_aware', the config says 'uniform'" in r.stderr
   # The warning comes with the restore, before any program is built: a run with nothing
   # left to train shows it without compiling the plain model.
-  r = _main(
+  r = run_main(
       f"--workdir={part}",
       "--config.training.num_train_steps=4",
       *args,
@@ -396,14 +383,14 @@ def test_a_checkpoint_of_the_plain_model_resumes_with_the_kernels_and_a_warning(
   that records the same setting, or none (older still), is resumed without a word."""
   config = test_config.get_config()  # the default: kernels on, on this CPU
   with caplog.at_level(logging.WARNING):
-    checkpoint._warn_if_cpu_kernels_differ({checkpoint.CPU_KERNELS_KEY: False}, config, 7)
+    checkpoints._warn_if_cpu_kernels_differ({checkpoints.CPU_KERNELS_KEY: False}, config, 7)
   assert "step 7 was trained with the CPU kernels off, this run has them on" in caplog.text
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    checkpoint._warn_if_cpu_kernels_differ({checkpoint.CPU_KERNELS_KEY: True}, config, 7)
-    checkpoint._warn_if_cpu_kernels_differ({}, config, 7)
+    checkpoints._warn_if_cpu_kernels_differ({checkpoints.CPU_KERNELS_KEY: True}, config, 7)
+    checkpoints._warn_if_cpu_kernels_differ({}, config, 7)
     config.model.cpu_kernels = False
-    checkpoint._warn_if_cpu_kernels_differ({checkpoint.CPU_KERNELS_KEY: False}, config, 7)
+    checkpoints._warn_if_cpu_kernels_differ({checkpoints.CPU_KERNELS_KEY: False}, config, 7)
   assert "CPU kernels" not in caplog.text
 
 
@@ -439,13 +426,13 @@ def test_training_reduces_the_loss_in_float32_and_bfloat16(dtype):
   config.model.dtype = dtype
   config.model.dropout = 0.0
   states, _ = run_steps(config, jax.local_devices()[:2], 12)
-  model, diffusion = state_lib.build_model(config), state_lib.build_diffusion(config)
+  model, diffusion = builders.build_model(config), builders.build_diffusion(config)
   x0 = jnp.asarray(image_lib.scale_images(sources.load_split_array(config.data, "test")[:64]))
   t = jnp.arange(64, dtype=jnp.int32) * diffusion.num_timesteps // 64
   noise = jax.random.normal(jax.random.PRNGKey(0), x0.shape)
 
   def eval_loss(params):
-    fn = state_lib.make_model_fn(model, params, train=False)
+    fn = builders.make_model_fn(model, params, train=False)
     return float(jnp.mean(diffusion.training_losses(fn, x0, t, noise)["loss"]))
 
   before, after = eval_loss(states[0].params), eval_loss(states[-1].params)

@@ -413,11 +413,11 @@ def test_default_cpu_model_is_forward_mode_differentiable(monkeypatch):
   from configs import test as test_config  # pylint: disable=g-import-not-at-top
   from ddpm_jax.cpu import conv as cpu_conv  # pylint: disable=g-import-not-at-top
   from ddpm_jax.cpu import winograd  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders  # pylint: disable=g-import-not-at-top
 
   config = test_config.get_config()
   config.data.image_size, config.model.ch_mult = 16, (1, 2, 2, 2)
-  model = state_lib.build_model(config)
+  model = builders.build_model(config)
   assert model.cpu_kernels  # the default, on this CPU backend
   arch = dict(
       ch=model.ch,

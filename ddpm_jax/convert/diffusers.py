@@ -60,10 +60,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import config_loading, config_schema, config_validation, errors, files
+from ddpm_jax import builders, checkpoints, config_loading, config_schema, config_validation
+from ddpm_jax import errors, files
 from ddpm_jax.models.unet import count_params
-from ddpm_jax.training import checkpoint
-from ddpm_jax.training import state as state_lib
 
 __all__ = [
     "UnsupportedConfigError",
@@ -840,22 +839,22 @@ def write_workdir(
 ) -> str:
   """Writes the checkpoint (params = ema_params) and ``workdir/config.py``; returns its path."""
   workdir = os.path.abspath(workdir)
-  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  ckpt_dir = checkpoints.checkpoint_dir(workdir)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise errors.WorkdirError(f"{ckpt_dir} is not empty; convert into a new --workdir")
   os.makedirs(workdir, exist_ok=True)
   params = jax.tree.map(jnp.asarray, params)
-  tx = state_lib.create_optimizer(config.optim)
+  tx = builders.create_optimizer(config.optim)
   _, run_rng = jax.random.split(jax.random.PRNGKey(config.training.seed))
-  state = state_lib.TrainState(
+  state = checkpoints.TrainState(
       step=jnp.asarray(step, jnp.int32),
       params=params,
       ema_params=jax.tree.map(jnp.copy, params),
       opt_state=tx.init(params),
       rng=run_rng,
   )
-  manager = checkpoint.create_manager(workdir, keep=max(config.training.keep_checkpoints, 1))
-  checkpoint.save(manager, state, config)
+  manager = checkpoints.create_manager(workdir, keep=max(config.training.keep_checkpoints, 1))
+  checkpoints.save(manager, state, config)
   manager.close()
   config_path = os.path.join(workdir, "config.py")
   body = pprint.pformat(_as_python(config.to_dict()), indent=1, width=100, sort_dicts=False)
@@ -893,8 +892,8 @@ def convert(
   scheduler = find_scheduler_config(src, model_dir)
   config, notes = build_config(fields, config_name, scheduler)
   config_validation.validate(config)
-  model = state_lib.build_model(config)
-  target = state_lib.abstract_params(model, config)
+  model = builders.build_model(config)
+  target = builders.abstract_params(model, config)
   tensors = load_tensors(model_dir)
   params = convert_tensors(tensors, target, len(fields["ch_mult"]), fields["num_res_blocks"])
   if verbose:

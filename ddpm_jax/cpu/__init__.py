@@ -2,8 +2,8 @@
 
 ``config.model.cpu_kernels`` is on by default: a program built for a CPU
 backend gets the U-Net with ``cpu_kernels=True``, one built for GPU or TPU the
-plain Flax model, with none of this package in it (``ddpm_jax.training.state``:
-``cpu_kernels_active(config, platform)`` decides, ``build_model`` applies it).
+plain Flax model, with none of this package in it (``cpu_kernels_active(config,
+platform)`` below decides, ``ddpm_jax.builders.build_model`` applies it).
 ``--config.model.cpu_kernels=False`` gives the plain model on a CPU too. What
 changes with it on:
 
@@ -28,5 +28,29 @@ so a resumed run computes the same program. The kernels change float rounding
 only (dropout: not even that); the setting is recorded in each checkpoint and
 in the start-up log. The convolutions' hand-written backward passes keep
 forward-mode differentiation (``jax.jvp``, ``jax.linearize``) working
-(``autodiff.py``). Measurements: docs/performance.md.
+(``autodiff.py``). Measurements: docs/cpu_kernels.md.
 """
+
+from typing import Optional
+
+import jax
+
+
+def cpu_kernels_active(config, platform: Optional[str] = None) -> bool:
+  """Whether a program built for ``platform`` uses the CPU kernels (``ddpm_jax/cpu``).
+
+  True when ``config.model.cpu_kernels`` is on (the default) and ``platform`` is
+  'cpu'; a program for 'gpu' or 'tpu' is the plain model whatever the config
+  says. ``platform``: the platform the program is compiled for (default: JAX's
+  default backend; a program compiled ahead of time for another one passes it).
+  """
+  return bool(config.model.cpu_kernels) and (platform or jax.default_backend()) == "cpu"
+
+
+def auto_choice(
+    choice: str, config, platform: Optional[str], with_cpu_kernels: str, otherwise: str
+) -> str:
+  """``choice``, with 'auto' resolved: ``with_cpu_kernels`` when they are active, else ``otherwise``."""
+  if choice != "auto":
+    return choice
+  return with_cpu_kernels if cpu_kernels_active(config, platform) else otherwise

@@ -4,7 +4,7 @@ XLA:CPU allocates each call's temporary buffers (activations, gradients) with
 ``malloc`` and frees them when the call ends. glibc serves large blocks with
 ``mmap`` and unmaps them when freed, so each step faults its memory in again
 (about 100,000 page faults per step of the 1.1M-parameter U-Net at batch 32).
-An allocator chosen when the process starts avoids that (docs/performance.md):
+An allocator chosen when the process starts avoids that (docs/cpu_kernels.md):
 
 * ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc 2.35+): glibc with
   transparent huge pages, 512 times fewer faults;
@@ -28,7 +28,7 @@ JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 ADVICE = (
     f"GLIBC_TUNABLES={GLIBC_THP_TUNABLE} (or LD_PRELOAD=libjemalloc.so.2 "
     f"MALLOC_CONF={JEMALLOC_CONF}) in the environment makes CPU steps 1.15x faster "
-    "(docs/performance.md)"
+    "(docs/cpu_kernels.md)"
 )
 _ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 _JEMALLOC_DIRS = (

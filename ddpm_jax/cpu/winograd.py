@@ -15,7 +15,7 @@ the kernel transform is one small matrix product.
 
 On the 2-core development host, XLA:CPU's own convolution runs near the core's
 peak, so this wins by doing fewer FLOPs, not faster ones. Where it helps is
-decided by :func:`applies` (measured with ``benchmarks/winograd_conv.py``).
+decided by :func:`applies` (measured with ``benchmarks/cpu/winograd_conv.py``).
 The backward pass is written by hand (``autodiff.defvjp``, which keeps
 ``jax.jvp`` working): the gradient of the transforms is another set of adds,
 and both gradients are again 36 matrix products of the same sizes.
@@ -76,7 +76,7 @@ KERNEL_MATRIX = np.einsum("ir,js->jirs", G, G).reshape(36, 9)
 
 # Smallest image side, fewest channels on either side, and fewest input plus output
 # channels that use it: a shape rule, the same on every host (measurements:
-# docs/performance.md).
+# docs/cpu_kernels.md).
 MIN_SIDE = 16
 MIN_CHANNELS = 32
 MIN_CHANNELS_IN_PLUS_OUT = 96
@@ -195,7 +195,7 @@ def kernel_transform(kernel: jax.Array) -> jax.Array:
   One matrix product of ``KERNEL_MATRIX`` with the 9 taps: a single pass over
   the kernel. On XLA:CPU it was 1.3-1.8x faster than two separable passes of
   adds (3.4x for the transpose) and made the CIFAR-10 train step 1.02-1.11x
-  faster (``benchmarks/winograd_kernel_transform.py``). For the image tiles the
+  faster (``benchmarks/cpu/winograd_kernel_transform.py``). For the image tiles the
   separable adds stay: as [36, 36] products they were slower.
   """
   c_in, c_out = kernel.shape[2:]

@@ -15,11 +15,10 @@ for the same TFDS/TF versions, files and process count). TF never sees a GPU.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 import os
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -371,47 +370,3 @@ def create_eval_iterator(
   return _in_memory_eval_iterator(
       data, batch_size, process_index, process_count, local_device_count, with_labels
   )
-
-
-def prefetch_to_device(
-    iterator: Iterable[Any],
-    size: int = 2,
-    devices: Optional[Sequence[Any]] = None,
-    axis_name: str = "batch",
-) -> Iterator[Any]:
-  """Moves batches onto the local devices, sharded, ``size`` in flight.
-
-  Each item is an array or a pytree of arrays whose leading axis has length
-  len(devices) (e.g. [D, b, H, W, C]); leaf x is placed with x[i] on
-  devices[i] (a NamedSharding over a 1-D mesh of ``devices`` named
-  ``axis_name``, the pmap axis name of the consumer: jax 0.10 treats a mesh
-  with another axis name as another sharding and re-lays the batch out on
-  every call). Transfers are asynchronous, so up to ``size`` batches are on
-  their way while the caller works. Yields the device-resident pytrees in order.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
-
-  devices = list(devices) if devices is not None else jax.local_devices()
-  sharding = parallel.device_sharding(devices, axis_name)
-
-  def put(x):
-    x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] != len(devices):
-      raise ValueError(
-          f"Leading axis of shape {x.shape} must equal the number of devices " f"{len(devices)}."
-      )
-    return jax.device_put(x, sharding)
-
-  queue = collections.deque()
-  iterator = iter(iterator)
-
-  def enqueue(n):
-    for item in itertools.islice(iterator, n):
-      queue.append(jax.tree_util.tree_map(put, item))
-
-  enqueue(max(int(size), 1))
-  while queue:
-    yield queue.popleft()
-    enqueue(1)

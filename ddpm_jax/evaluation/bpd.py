@@ -32,12 +32,9 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import errors, files, progress, workdirs
+from ddpm_jax import builders, errors, files, parallel, progress, workdirs
 from ddpm_jax.cpu import compile_options
 from ddpm_jax.data import pipeline, sources
-from ddpm_jax.training import checkpoint
-from ddpm_jax.training import state as state_lib
-from ddpm_jax.parallel import AXIS, allgather
 
 EVAL_DIR = "eval"
 _EXAMPLE_FIELDS = ("index", "total", "prior", "decoder", "kl")
@@ -66,7 +63,7 @@ def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool, devices=None):
   def one_device(params, batch, index):
     def one(xi, yi, i):
       labels = None if yi is None else yi[None]
-      model_fn = state_lib.make_model_fn(model, params, labels=labels)
+      model_fn = builders.make_model_fn(model, params, labels=labels)
       out = diffusion.calc_bpd_loop(
           model_fn, xi[None], jax.random.fold_in(base_key, i), clip_denoised=clip_denoised
       )
@@ -75,9 +72,7 @@ def make_p_bpd(model, diffusion, seed: int, clip_denoised: bool, devices=None):
     return jax.vmap(one)(batch["image"], batch.get("label"), index)
 
   options = compile_options.forward_options() if model.cpu_kernels else None
-  return compile_options.CompiledWithOptions(
-      jax.pmap(one_device, axis_name=AXIS, devices=devices), options
-  )
+  return compile_options.CompiledWithOptions(parallel.pmap(one_device, devices), options)
 
 
 class _Totals:
@@ -204,8 +199,8 @@ def run_eval_bpd(config, workdir: str) -> dict:
         f"config.eval.batch_size={batch_size} is invalid: must be divisible by "
         f"process_count * local_device_count = {pcount * d}"
     )
-  model, params, step = checkpoint.restore_ema(config, workdir)
-  diffusion = state_lib.build_diffusion(config)
+  model, params, step = builders.ema_params(config, workdir)
+  diffusion = builders.build_diffusion(config)
   T = diffusion.num_timesteps
   clip = bool(config.sampling.clip_denoised)
   conditional = bool(config.model.num_classes)
@@ -299,14 +294,14 @@ def run_eval_bpd(config, workdir: str) -> dict:
       yield batch, index
 
   p_bpd = make_p_bpd(model, diffusion, seed, clip)
-  p_params = state_lib.replicate(params)
+  p_params = parallel.replicate(params)
   batches_computed = 0
   # The first batch's rate includes compilation, later ones do not.
   examples = progress.Progress(n, "images", done=min(first_batch * batch_size, n), skip_first=True)
-  for batch, index_dev in pipeline.prefetch_to_device(device_items(), 2, axis_name=AXIS):
+  for batch, index_dev in parallel.prefetch_to_device(device_items(), 2):
     k, index, mask = indices.pop(0)
     got = dict(jax.device_get(p_bpd(p_params, batch, index_dev)), index=index, mask=mask)
-    got = allgather(got)  # [P, D, b, ...]
+    got = parallel.allgather(got)  # [P, D, b, ...]
     totals.add({key: v.reshape((-1,) + v.shape[3:]) for key, v in got.items()})
     batches_computed += 1
     if pindex == 0:

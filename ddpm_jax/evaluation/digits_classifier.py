@@ -26,7 +26,7 @@ Why fitted on all digits, with weight decay: fitted on the training split
 alone, the features separate the two halves of the real data (real training
 digits against the held-out ones: FID several times that of this extractor,
 IS 9% apart), so they could not judge a model of the training data against
-held-out digits (docs/performance.md, "Digits metrics").
+held-out digits (docs/digits.md, "Digits metrics").
 """
 
 from __future__ import annotations

@@ -12,10 +12,9 @@ from typing import Optional
 import jax
 import numpy as np
 
-from ddpm_jax.data import pipeline
+from ddpm_jax import parallel
 from ddpm_jax.evaluation import digits_classifier
 from ddpm_jax.models import inception
-from ddpm_jax.training import state as state_lib
 
 
 class FeatureExtractor:
@@ -70,7 +69,7 @@ class InceptionExtractor(FeatureExtractor):
       pool3, logits = self.model.apply(variables, x)
       return pool3, jax.nn.softmax(logits, axis=-1)
 
-    self._p_apply = jax.pmap(apply, axis_name=state_lib.AXIS)
+    self._p_apply = parallel.pmap(apply)
     self._p_vars = None
 
   def __call__(self, images):
@@ -78,7 +77,7 @@ class InceptionExtractor(FeatureExtractor):
     if images.shape[-1] == 1:
       images = np.repeat(images, 3, axis=-1)
     if self._p_vars is None:
-      self._p_vars = state_lib.replicate(self.variables)
+      self._p_vars = parallel.replicate(self.variables)
     d = jax.local_device_count()
     n = images.shape[0]
 
@@ -90,7 +89,7 @@ class InceptionExtractor(FeatureExtractor):
         yield x.reshape((d, self.per_device) + x.shape[1:])
 
     feats, probs = [], []
-    for x in pipeline.prefetch_to_device(chunks(), 2, axis_name=state_lib.AXIS):
+    for x in parallel.prefetch_to_device(chunks(), 2):
       f, p = jax.device_get(self._p_apply(self._p_vars, x))
       feats.append(np.asarray(f, np.float64).reshape(-1, f.shape[-1]))
       probs.append(np.asarray(p, np.float64).reshape(-1, p.shape[-1]))

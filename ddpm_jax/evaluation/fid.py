@@ -40,15 +40,13 @@ from absl import logging
 import jax
 import numpy as np
 
-from ddpm_jax import errors, files, images as image_lib, progress, sample, workdirs
+from ddpm_jax import builders, errors, files, images as image_lib, parallel, progress, sample
+from ddpm_jax import workdirs
 from ddpm_jax.data import pipeline, sources
 from ddpm_jax.evaluation import metrics
 from ddpm_jax.evaluation.bpd import eval_dir
 from ddpm_jax.evaluation import features
 from ddpm_jax.evaluation.features import FeatureExtractor, extractor_name, get_feature_extractor
-from ddpm_jax.parallel import allgather
-from ddpm_jax.training import checkpoint
-from ddpm_jax.training import state as state_lib
 
 STATS_DIR_ENV_VAR = "DDPM_JAX_STATS_DIR"
 # Reference statistics use at most this many examples of a split (all of CIFAR-10's
@@ -256,7 +254,7 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
         f"config.sampling.batch_size={per_call} is invalid: must be divisible by the number "
         f"of local devices ({d})"
     )
-  diffusion = state_lib.build_sampling_diffusion(config)
+  diffusion = builders.build_sampling_diffusion(config)
   tag = sample.sample_tag(config, step)
   settings = fid_settings(config)
   labels_fn = sample.uniform_labels(config, int(s.seed))
@@ -284,12 +282,12 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
       calls,
       per_call,
       s.sampler,
-      state_lib.sampling_steps(config),
+      builders.sampling_steps(config),
       chunk_dir,
   )
   if todo:
     p_sample = sample.make_p_sample(model, diffusion, config, per_call // d)
-    p_params = state_lib.replicate(params)
+    p_params = parallel.replicate(params)
     done = lambda: min(len(have) * per_call, num_local)
     drawn = progress.Progress(num_local, "images", done=done(), skip_first=True)
     for i in todo:
@@ -312,8 +310,8 @@ def generate_fid_samples(config, workdir: str, model, params, step: int, num: in
   if labels_fn:
     labels = np.concatenate([have[i][1] for i in range(first, first + calls)])[:num_local]
   if pcount > 1:
-    images = allgather(images).reshape((-1,) + images.shape[1:])
-    labels = None if labels is None else allgather(labels).reshape(-1)
+    images = parallel.allgather(images).reshape((-1,) + images.shape[1:])
+    labels = None if labels is None else parallel.allgather(labels).reshape(-1)
   images = images[:num]
   labels = None if labels is None else labels[:num]
   path = None
@@ -364,9 +362,9 @@ def run_eval_fid(config, workdir: str) -> dict:
   sources.check_eval_split(config.data)  # before any sampling
   # The extractor first: a missing Inception file fails before any sampling.
   extractor = get_feature_extractor(config)
-  model, params, step = checkpoint.restore_ema(config, workdir)
+  model, params, step = builders.ema_params(config, workdir)
   workdirs.write_record(config, workdir, "eval_fid")
-  num_timesteps = state_lib.sampling_steps(config)
+  num_timesteps = builders.sampling_steps(config)
   tag = sample.sample_tag(config, step)
   existing = find_existing_samples(workdir, tag, num, fid_settings(config))
   if existing is not None:

@@ -27,21 +27,19 @@ Config fields: ``eval.figure_rows`` (samples and pairs), ``eval.figure_columns``
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import errors
+from ddpm_jax import builders, errors
 from ddpm_jax import images as image_lib
 from ddpm_jax import workdirs
 from ddpm_jax.data import sources
 from ddpm_jax.diffusion import samplers
 from ddpm_jax.diffusion.gaussian import GaussianDiffusion
-from ddpm_jax.training import checkpoint
-from ddpm_jax.training import state as state_lib
 
 FIGURES_DIR = "figures"
 
@@ -157,9 +155,9 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
   rows = int(num_rows or ev.figure_rows)
   columns, num_lambdas, seed = int(ev.figure_columns), int(ev.interp_lambdas), int(ev.seed)
   clip = bool(config.sampling.clip_denoised)
-  model, params, step = checkpoint.restore_ema(config, workdir)
+  model, params, step = builders.ema_params(config, workdir)
   workdirs.write_record(config, workdir, "figures")
-  diffusion = state_lib.build_diffusion(config)  # the full T-step process, as in the paper
+  diffusion = builders.build_diffusion(config)  # the full T-step process, as in the paper
   T = diffusion.num_timesteps
   interp_t = int(ev.interp_t) or max(1, round(T / 2))  # the paper's 1-based t
   interp_t = min(interp_t, T) - 1  # array index
@@ -172,7 +170,7 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
 
   @jax.jit
   def progressive(params, key):
-    model_fn = state_lib.make_model_fn(model, params, labels=row_labels)
+    model_fn = builders.make_model_fn(model, params, labels=row_labels)
     return progressive_generation(diffusion, model_fn, shape, key, columns, clip)
 
   preds, ts, _ = jax.device_get(progressive(params, jax.random.fold_in(key, 0)))
@@ -198,7 +196,7 @@ def run_figures(config, workdir: str, num_rows: Optional[int] = None) -> dict:
 
   @jax.jit
   def interp(params, xa, xb, lambdas, key):
-    model_fn = state_lib.make_model_fn(model, params, labels=pair_labels)
+    model_fn = builders.make_model_fn(model, params, labels=pair_labels)
     return interpolate(diffusion, model_fn, xa, xb, interp_t, lambdas, key, clip)
 
   mixed = np.asarray(

@@ -1,1 +1,1 @@
-"""Training: the state and its builders, the pmap-ed step, checkpoints and the loop."""
+"""Training (--mode=train): a fresh state, the pmap-ed step of Algorithm 1, timestep sampling, the loop."""

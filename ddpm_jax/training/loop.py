@@ -18,12 +18,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import errors, files, host, images, parallel, progress, sample, workdirs
+from ddpm_jax import builders, checkpoints, errors, files, host, images, parallel, progress
+from ddpm_jax import sample, workdirs
 from ddpm_jax.data import pipeline
-from ddpm_jax.training import checkpoint
 from ddpm_jax.training import state as state_lib
 from ddpm_jax.training import step as step_lib
-from ddpm_jax.training.state import TrainState
+from ddpm_jax.checkpoints import TrainState
 
 
 class _StopFlag:
@@ -114,12 +114,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   tcfg = config.training
   data = pipeline.load_train_data(config.data, config.model.num_classes)  # before the model
-  model = state_lib.build_model(config)
-  diffusion = state_lib.build_diffusion(config)
-  tx = state_lib.create_optimizer(config.optim)
-  manager = checkpoint.create_manager(workdir, keep=tcfg.keep_checkpoints)
+  model = builders.build_model(config)
+  diffusion = builders.build_diffusion(config)
+  tx = builders.create_optimizer(config.optim)
+  manager = checkpoints.create_manager(workdir, keep=tcfg.keep_checkpoints)
   state = state_lib.create_train_state(config, model, tx)
-  restored = checkpoint.restore_train_state(manager, state, config)
+  restored = checkpoints.restore_train_state(manager, state, config)
   if restored is not None:
     state = restored
     logging.info("Resumed from the checkpoint at step %d in %s", int(state.step), workdir)
@@ -158,10 +158,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   is_chief = jax.process_index() == 0
   writer = tensorboard.SummaryWriter(workdir) if is_chief else None
-  p_state = state_lib.replicate(state)
+  p_state = parallel.replicate(state)
   del state
   p_step = step_lib.make_p_train_step(model, diffusion, tx, config)
-  batches = pipeline.prefetch_to_device(
+  batches = parallel.prefetch_to_device(
       _stacked_batches(batches, n, start_step, tcfg.debug_poison_step), tcfg.prefetch
   )
 
@@ -169,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if tcfg.sample_every_steps:
     per_device = -(-tcfg.num_grid_samples // jax.local_device_count())
     sample_fn = sample.make_p_sample(
-        model, state_lib.build_sampling_diffusion(config), config, per_device
+        model, builders.build_sampling_diffusion(config), config, per_device
     )
 
   stop = _StopFlag().install()
@@ -229,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def save():
     read_metrics()  # never checkpoint past a step that should have stopped the run
-    if checkpoint.save(manager, state_lib.unreplicate(p_state), config):
+    if checkpoints.save(manager, parallel.unreplicate(p_state), config):
       logging.info("Checkpoint at step %d written to %s", step, manager.directory)
 
   try:
@@ -303,7 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           status,
       )
       raise errors.Stopped(f"stopped at step {step}", status)
-    return state_lib.unreplicate(p_state)
+    return parallel.unreplicate(p_state)
   finally:
     stop.restore()
     if writer is not None:

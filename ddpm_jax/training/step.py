@@ -21,8 +21,10 @@ import optax
 from ddpm_jax.diffusion.gaussian import GaussianDiffusion
 from ddpm_jax.models.unet import UNet
 from ddpm_jax.training import timesteps
-from ddpm_jax.training.state import AXIS, TrainState, auto_choice, learning_rate_schedule
-from ddpm_jax.training.state import make_model_fn
+from ddpm_jax.builders import learning_rate_schedule, make_model_fn
+from ddpm_jax.checkpoints import TrainState
+from ddpm_jax.cpu import auto_choice
+from ddpm_jax import parallel
 
 
 def example_randomness(
@@ -97,9 +99,9 @@ def multi_step_loop(config, platform: Optional[str] = None) -> str:
 def _device_mean(tree: Any, how: str) -> Any:
   """``lax.pmean`` of a tree of float32 arrays over the devices, per leaf or as one vector."""
   if how == "tree":
-    return jax.lax.pmean(tree, AXIS)
+    return parallel.mean(tree)
   flat, unflatten = ravel_pytree(tree)
-  return unflatten(jax.lax.pmean(flat, AXIS))
+  return unflatten(parallel.mean(flat))
 
 
 def make_train_step(
@@ -150,7 +152,7 @@ def make_train_step(
     if b % accum:
       raise ValueError(f"training.grad_accum_steps={accum} must divide the per-device batch {b}")
     mb = b // accum
-    first = jax.lax.axis_index(AXIS) * b
+    first = parallel.device_index() * b
     t_probs = timesteps.probabilities(state.t_history) if loss_aware else None
 
     if accum == 1:  # XLA:CPU runs loop bodies several times slower: no loop unless needed
@@ -188,7 +190,7 @@ def make_train_step(
 
     new_state = apply_update_if(finite, state, grads, tx, ema_decay)
     if loss_aware:  # every device adds the whole global batch's losses, in its order
-      everyone = jax.lax.all_gather(per_example, AXIS, tiled=True)
+      everyone = jax.lax.all_gather(per_example, parallel.AXIS, tiled=True)
       history = timesteps.update(state.t_history, everyone["t"], everyone["loss"])
       new_state = new_state.replace(
           t_history=jax.tree.map(
@@ -228,4 +230,4 @@ def make_p_train_step(model, diffusion, tx, config, devices=None):
       metrics.append(m)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
 
-  return jax.pmap(multi_step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
+  return parallel.pmap(multi_step, devices, donate_argnums=(0,))

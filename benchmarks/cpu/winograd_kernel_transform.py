@@ -1,8 +1,8 @@
 """Winograd's kernel transform G g G^T as one [36, 9] matrix product against two separable passes.
 
-  python benchmarks/winograd_kernel_transform.py --config=configs/cifar10.py \
+  python benchmarks/cpu/winograd_kernel_transform.py --config=configs/cifar10.py \
       --config.training.batch_size=8 [--reps=3] [--calls=2]
-  python benchmarks/winograd_kernel_transform.py --kernels=128x128,512x256
+  python benchmarks/cpu/winograd_kernel_transform.py --kernels=128x128,512x256
 
 ``ddpm_jax/cpu/winograd.py`` transforms every 3x3 kernel [3, 3, Cin, Cout] into its
 36 components [36, Cin, Cout] (and back, for the gradient) with one matrix
@@ -25,8 +25,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)

@@ -1,6 +1,6 @@
 """The train step compiled under several XLA:CPU option sets, alternating in one process.
 
-  python benchmarks/xla_options.py --config=configs/cifar10.py [--config.field=...] \
+  python benchmarks/cpu/xla_options.py --config=configs/cifar10.py [--config.field=...] \
       [--sets=default,no_ynn_reduce,ynn_eltwise,vector_width_512,onednn]
 
 Each named set is a dict of compiler options for ``Lowered.compile``; a set
@@ -19,8 +19,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)

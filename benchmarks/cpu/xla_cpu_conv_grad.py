@@ -1,6 +1,6 @@
 """One 3x3 convolution's gradients on XLA:CPU against the same convolution in PyTorch.
 
-  python benchmarks/xla_cpu_conv_grad.py [--shapes=8x32x32x128x128,...] [--reps=7] [--threads=N]
+  python benchmarks/cpu/xla_cpu_conv_grad.py [--shapes=8x32x32x128x128,...] [--reps=7] [--threads=N]
 
 Stand-alone (jax, numpy, torch; nothing of this repository), for an upstream
 XLA report. For each shape ``BxHxWxCinxCout`` (stride 1, padding 1, float32) it
@@ -20,7 +20,7 @@ times, alternating the two libraries call by call, medians of ``--reps``:
   convolution out as ``f01b_i01o->01bf`` and emits its own loop nest for it
   instead of calling its convolution library: this is the case that is slow
   (the profile of the plain CIFAR-10 train step, where 90% of the time is
-  such convolutions, is in docs/performance.md).
+  such convolutions, is in docs/cpu_kernels.md).
 
 JAX uses NHWC / HWIO (XLA:CPU's preferred layouts), PyTorch NCHW / OIHW (its
 default); the operands are the same numbers, and the script checks that both

@@ -1,6 +1,6 @@
 """C allocator settings against each other: a benchmark script in alternating processes.
 
-  python benchmarks/host_malloc.py [--choices=system,glibc_thp,jemalloc] [--reps=3] -- \
+  python benchmarks/cpu/host_malloc.py [--choices=system,glibc_thp,jemalloc] [--reps=3] -- \
       train_throughput.py --config=configs/cifar10.py --config.training.batch_size=8 \
       --config.model.cpu_kernels=True
 
@@ -27,9 +27,9 @@ import os
 import statistics
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
 sys.path.insert(0, os.path.dirname(HERE))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def run(script_args, choice):

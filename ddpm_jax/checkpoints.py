@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the train state in ``workdir/checkpoints``.
+"""The train state (``TrainState``) and its Orbax checkpoints in ``workdir/checkpoints``.
 
 Each step's checkpoint holds three items:
   state:      step, params, opt_state, rng (what resuming needs besides EMA)
@@ -26,13 +26,35 @@ from typing import Any, Optional
 import zlib
 
 from absl import logging
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from ddpm_jax import errors, files
-from ddpm_jax.training import state as state_lib
-from ddpm_jax.training.state import TrainState
+from ddpm_jax.cpu import cpu_kernels_active
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that determines the rest of a run (saved in every checkpoint).
+
+  step: int32 scalar, optimiser steps taken.
+  params: the network parameters (float32).
+  ema_params: their exponential moving average (used for sampling).
+  opt_state: the optax state (Adam moments, step counts).
+  rng: the run's base PRNG key; step and example index are folded into it.
+  t_history: the recent losses per timestep of ``training.t_sampler='loss_aware'``
+    (``training/timesteps.py``), else None.
+  """
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+  t_history: Any = None
+
 
 # The fields that determine parameter shapes and the meaning of the network.
 ARCH_FIELDS = {
@@ -136,7 +158,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, config) -> bool:
     return False
   core = _core(state)
   meta = dict(architecture(config))
-  meta[CPU_KERNELS_KEY] = state_lib.cpu_kernels_active(config)
+  meta[CPU_KERNELS_KEY] = cpu_kernels_active(config)
   meta[T_SAMPLER_KEY] = config.training.t_sampler
   meta["checksum.state"] = checksum(core)
   meta["checksum.ema_params"] = checksum(state.ema_params)
@@ -427,7 +449,7 @@ def _check_t_sampler(meta: Optional[dict], config, directory) -> None:
 def _warn_if_cpu_kernels_differ(meta: Optional[dict], config, step: int) -> None:
   """A resumed run whose ``model.cpu_kernels`` differs from the checkpoint's is not bitwise-exact."""
   then = (meta or {}).get(CPU_KERNELS_KEY)
-  now = state_lib.cpu_kernels_active(config)
+  now = cpu_kernels_active(config)
   if then is not None and then != now:
     logging.warning(
         "The checkpoint of step %d was trained with the CPU kernels %s, this run has them %s "
@@ -486,26 +508,3 @@ def restore_ema_params(
       f"no readable checkpoint in {manager.directory} (tried steps {steps}; the last error: "
       f"{type(last_error).__name__}: {_first_line(last_error)})"
   )
-
-
-def restore_ema(config, workdir: str):
-  """(model, EMA params on the host, step) of checkpoint ``sampling.checkpoint_step`` (-1: newest).
-
-  What sampling and evaluation start from. Raises NoCheckpointError when the
-  workdir holds no (such) checkpoint.
-  """
-  model = state_lib.build_model(config)
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise errors.NoCheckpointError(
-        f"no checkpoints in {directory}: train first (--mode=train) "
-        "or point --workdir at a trained run"
-    )
-  manager = create_manager(workdir, read_only=True)
-  params, step = restore_ema_params(
-      manager,
-      state_lib.abstract_params(model, config),
-      config,
-      step=config.sampling.checkpoint_step,
-  )
-  return model, params, int(step)

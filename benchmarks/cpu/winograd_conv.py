@@ -1,8 +1,8 @@
 """Winograd F(4x4, 3x3) and the CPU kernels against XLA's convolutions: train step, forward, convs.
 
-  python benchmarks/winograd_conv.py --config=configs/cifar10.py \
+  python benchmarks/cpu/winograd_conv.py --config=configs/cifar10.py \
       --config.training.batch_size=8 [--what=train|forward] [--reps=4] [--calls=2]
-  python benchmarks/winograd_conv.py --shapes=4x32x32x128x128,16x16x16x64x64
+  python benchmarks/cpu/winograd_conv.py --shapes=4x32x32x128x128,16x16x16x64x64
 
 With --config, the real pmap-ed train step (or, with --what=forward, one
 network forward at ``sampling.batch_size``, compiled as the samplers compile it)
@@ -35,8 +35,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)

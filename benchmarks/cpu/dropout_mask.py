@@ -1,7 +1,7 @@
 """Dropout masks: ``ddpm_jax.cpu.dropout.keep_mask`` against vmapped ``jax.random.bernoulli``.
 
-  python benchmarks/dropout_mask.py [--shapes=16x32x32x32,4x32x32x128] [--reps=7]
-  python benchmarks/dropout_mask.py --config=configs/cifar10.py [--config.field=...]
+  python benchmarks/cpu/dropout_mask.py [--shapes=16x32x32x32,4x32x32x128] [--reps=7]
+  python benchmarks/cpu/dropout_mask.py --config=configs/cifar10.py [--config.field=...]
 
 Three ways to the same bits: ``ours`` (``keep_mask`` as the U-Net with
 ``model.cpu_kernels`` calls it: the mask is computed once and stored),
@@ -31,8 +31,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

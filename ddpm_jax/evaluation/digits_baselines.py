@@ -1,7 +1,7 @@
 """Digits FID / IS of reference image sets and of model samples, all scored the same way.
 
-  python benchmarks/digits_baselines.py [--samples=A.npz,B.npz] [--num=512] [--seeds=0,1,2]
-      [--summary]
+  python -m ddpm_jax.evaluation.digits_baselines [--samples=A.npz,B.npz] [--num=512]
+      [--seeds=0,1,2] [--summary] [--config=configs/digits.py]
 
 Prints one JSON line per image set, scored like --mode=eval_fid on the digits
 config (the digits classifier's features and class probabilities): FID against
@@ -33,16 +33,12 @@ import argparse
 import collections
 import glob
 import json
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import digits  # pylint: disable=g-import-not-at-top
-from ddpm_jax.data import sources  # pylint: disable=g-import-not-at-top
-from ddpm_jax.evaluation import features, metrics  # pylint: disable=g-import-not-at-top
+from ddpm_jax import config_loading
+from ddpm_jax.data import sources
+from ddpm_jax.evaluation import features, metrics
 
 
 def main():
@@ -52,8 +48,11 @@ def main():
   parser.add_argument("--seeds", default="0,1,2", help="draws of the real_train set")
   parser.add_argument("--orders", type=int, default=100, help="random orders of the held-out IS")
   parser.add_argument("--summary", action="store_true", help="means over seeds per sampler")
+  parser.add_argument(
+      "--config", default="configs/digits.py", help="the config whose data and FID features score"
+  )
   args = parser.parse_args()
-  config = digits.get_config()
+  config = config_loading.load(args.config)
   extractor = features.get_feature_extractor(config)
   train = sources.load_split_array(config.data, "train")
   test = sources.load_split_array(config.data, "test")

@@ -1,6 +1,6 @@
 """The U-Net's self-attention block: ways of writing it, timed against each other.
 
-  python benchmarks/attention.py [--shapes=16x16x16x64,16x8x8x64,4x16x16x256] [--reps=5]
+  python benchmarks/cpu/attention.py [--shapes=16x16x16x64,16x8x8x64,4x16x16x256] [--reps=5]
 
 Every variant computes the same function as ``unet.AttnBlock`` ('library':
 GroupNorm, q/k/v projections, softmax(q k^T / sqrt(C)) v, proj_out, residual)
@@ -24,8 +24,8 @@ import sys
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(

@@ -1,7 +1,7 @@
 """Chunked conv weight gradients on CPU: single convs, or the train step, at several chunk budgets.
 
-  python benchmarks/conv_weight_grad.py --shapes=4x32x32x128x128,16x16x16x64x64 [--budgets=...]
-  python benchmarks/conv_weight_grad.py --config=configs/cifar10.py \
+  python benchmarks/cpu/conv_weight_grad.py --shapes=4x32x32x128x128,16x16x16x64x64 [--budgets=...]
+  python benchmarks/cpu/conv_weight_grad.py --config=configs/cifar10.py \
       --config.training.batch_size=8 [--budgets=0,1048576] [--reps=4] [--calls=2]
 
 ``ddpm_jax.cpu.conv`` sums a convolution's weight gradient over batch chunks of
@@ -26,8 +26,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -1,7 +1,7 @@
 """3x3 convs with tiny outputs on CPU: XLA's convolution against one matrix product.
 
-  python benchmarks/matmul_conv.py --shapes=64x2x2x64x64,64x4x4x128x128x2 [--reps=5]
-  python benchmarks/matmul_conv.py --config=configs/digits.py [--config.model.ch=64]
+  python benchmarks/cpu/matmul_conv.py --shapes=64x2x2x64x64,64x4x4x128x128x2 [--reps=5]
+  python benchmarks/cpu/matmul_conv.py --config=configs/digits.py [--config.model.ch=64]
 
 ``ddpm_jax.cpu.conv.conv3x3`` computes outputs of at most
 ``MAX_MATMUL_OUTPUT_PIXELS`` pixels as one matrix product of the nine shifted
@@ -24,8 +24,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -1,6 +1,6 @@
 """Upsample conv: the CPU kernels' two-phase ``upsample2x_conv3x3`` against repeat-then-conv.
 
-  python benchmarks/upsample_conv.py [--shapes=8x16x16x64,4x16x16x256] [--reps=5]
+  python benchmarks/cpu/upsample_conv.py [--shapes=8x16x16x64,4x16x16x256] [--reps=5]
 
 All compute the 3x3 'SAME' conv of the 2x nearest-neighbour upsampling of a
 ``[B, H, W, C]`` input (C -> C channels, as in the U-Net's Upsample blocks):
@@ -23,8 +23,8 @@ import sys
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(

@@ -1,6 +1,6 @@
 """Time of the guarded optimiser + EMA update alone, two formulations, alternating.
 
-  python benchmarks/optimizer_update.py --config=configs/cifar10.py [--reps=5] [--calls=5]
+  python benchmarks/cpu/optimizer_update.py --config=configs/cifar10.py [--reps=5] [--calls=5]
 
 The train step applies Adam, the EMA and the non-finite guard to every leaf of
 the state, with the state donated. Two ways of writing the guard:
@@ -25,8 +25,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -43,16 +43,17 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import builders, parallel  # pylint: disable=g-import-not-at-top
   from ddpm_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax.training import step  # pylint: disable=g-import-not-at-top
 
-  tx = state_lib.create_optimizer(config.optim)
-  state = state_lib.create_train_state(config, state_lib.build_model(config), tx)
+  tx = builders.create_optimizer(config.optim)
+  state = state_lib.create_train_state(config, builders.build_model(config), tx)
   decay = config.optim.ema_decay
-  grads = state_lib.replicate(jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params))
+  grads = parallel.replicate(jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params))
 
   def averaged(g):
-    g = jax.lax.pmean(g, state_lib.AXIS)
+    g = jax.lax.pmean(g, parallel.AXIS)
     return g, jnp.isfinite(optax.global_norm(g))
 
   def select(s, g):
@@ -79,8 +80,8 @@ def main(argv):
   variants = {"select": select, "cond": cond, "grads_only": grads_only}
   progs, states, copies = {}, {}, {}
   for name, fn in variants.items():
-    progs[name] = jax.pmap(fn, axis_name=state_lib.AXIS, donate_argnums=(0,))
-    states[name] = state_lib.replicate(state)
+    progs[name] = jax.pmap(fn, axis_name=parallel.AXIS, donate_argnums=(0,))
+    states[name] = parallel.replicate(state)
     copies[name] = progs[name].lower(states[name], grads).compile().as_text().count(" copy(")
     for _ in range(2):
       states[name] = progs[name](states[name], grads)

@@ -1,6 +1,6 @@
 """GroupNorm + swish: the U-Net's ``group_norm_channels_minor`` (CPU programs) against ``flax.linen.GroupNorm``.
 
-  python benchmarks/group_norm.py [--shapes=8x32x32x32,8x16x16x64] [--reps=7]
+  python benchmarks/cpu/group_norm.py [--shapes=8x32x32x32,8x16x16x64] [--reps=7]
 
 Both compute the same two-pass GroupNorm (32 groups, eps 1e-6): ``flax`` is
 ``flax.linen.GroupNorm(use_fast_variance=False)``, the plain U-Net's; ``ours``
@@ -19,8 +19,8 @@ import sys
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import bench_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
