@@ -4,8 +4,10 @@ Compiles, for one compile-only TPU device (libtpu, no TPU needed), the
 gradient of ``sum(f(x) * g)`` with respect to the input and the parameters of
 one component of the paper's U-Net at the shapes the CIFAR-10 model gives it
 per device (batch 16 on a v3-8), and prints one JSON line per component and
-dtype: XLA's estimated time, FLOPs, bytes accessed and the optimised HLO's
-operation counts. A component whose bfloat16 program is not cheaper than its
+dtype: XLA's estimated time, the sum of its per-instruction cycle estimates
+(``estimated_cycles``, which it gives for v4 and v5e where the time is not a
+positive number), FLOPs, bytes accessed and the optimised HLO's operation
+counts. A component whose bfloat16 program is not cheaper than its
 float32 one is where the whole step's bfloat16 gain goes missing.
 
   python benchmarks/tpu_components.py --topology=v3-8 --batch=16
@@ -61,7 +63,7 @@ def compile_component(make, shapes, dtype_name: str, device) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from benchmarks.hlo import hlo_breakdown  # pylint: disable=g-import-not-at-top
+  from benchmarks.hlo import hlo_breakdown, instruction_cycles  # pylint: disable=g-import-not-at-top
 
   module = make(getattr(jnp, dtype_name))
   is_unet = len(shapes) == 2 and len(shapes[1]) == 1
@@ -109,6 +111,8 @@ def compile_component(make, shapes, dtype_name: str, device) -> dict:
   return dict(
       compile_seconds=round(time.time() - start, 1),
       estimated_us=round(1e6 * cost.get("optimal_seconds", float("nan")), 1),
+      # The per-instruction estimates summed (available where optimal_seconds is not).
+      instruction_mcycles=round(sum(i["cycles"] for i in instruction_cycles(text)) / 1e6, 3),
       gflops=round(cost.get("flops", 0) / 1e9, 3),
       bytes_accessed_mib=round(cost.get("bytes accessed", 0) / 2**20, 1),
       temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),

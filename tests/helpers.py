@@ -46,6 +46,18 @@ def run_main(*args, config=TEST_CONFIG, env=None, timeout=600):
   )
 
 
+def run_python(code, env, cwd=ROOT, timeout=120):
+  """``python -c code`` with exactly the environment ``env``; returns the CompletedProcess."""
+  return subprocess.run(
+      [sys.executable, "-c", code],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
+
+
 def start_main(log, *args, config=TEST_CONFIG, stdout_too=True, env=None):
   """Starts main.py with stderr (and stdout, unless ``stdout_too`` is False) going to ``log``."""
   with open(log, "w") as f:

@@ -12,15 +12,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from configs import test as test_config
 from ddpm_jax import errors
-from helpers import ROOT, assert_one_line_error, cli, complete_steps, save_checkpoint, start_main
-from helpers import wait_for_line, write_images
+from helpers import assert_one_line_error, cli, complete_steps, save_checkpoint, start_main
+from helpers import run_python, wait_for_line, write_images
 
 IMAGE_EXTS = ".png, .jpg, .jpeg, .webp, .bmp"
 
@@ -343,14 +342,7 @@ def test_the_default_cpu_device_count_divides_the_batches(monkeypatch):
       "print(jax.local_device_count())\n"
   )
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  r = subprocess.run(
-      [sys.executable, "-c", code],
-      cwd=ROOT,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=120,
-  )
+  r = run_python(code, env)
   assert r.stdout.strip() == "4", r.stderr[-3000:]
   assert (
       "Split over 4 CPU devices, not one per core (6), so that training.batch_size=128, "
@@ -395,9 +387,7 @@ def test_process_flags_that_do_nothing_or_cannot_fit_are_one_line():
       "except errors.DistributedError as e:\n"
       "  print(e)\n"
   )
-  r = subprocess.run(
-      [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-  )
+  r = run_python(code, dict(os.environ))
   assert r.stdout.strip() == (
       "could not join the processes (ValueError: coordinator_address should be defined.); "
       "outside a TPU pod or SLURM, pass --coordinator_address=HOST:PORT --num_processes=N "

@@ -17,8 +17,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +30,7 @@ from ddpm_jax import errors  # pylint: disable=g-import-not-at-top
 from ddpm_jax.convert import diffusers as convert  # pylint: disable=g-import-not-at-top
 from ddpm_jax.models.unet import count_params  # pylint: disable=g-import-not-at-top
 from ddpm_jax import builders, checkpoints  # pylint: disable=g-import-not-at-top
+from helpers import run_python  # pylint: disable=g-import-not-at-top
 
 # The released models' UNet2DModel settings (config.json of google/ddpm-*).
 COMMON = dict(
@@ -527,14 +526,7 @@ def test_the_config_lookup_works_from_another_working_directory(tmp_path):
       "print(config.model.ch, config.model.ch_mult, config.diffusion.model_var_type)\n"
   )
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  r = subprocess.run(
-      [sys.executable, "-c", code],
-      cwd=tmp_path,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
+  r = run_python(code, env, cwd=tmp_path, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.strip() == "128 (1, 2, 2, 2) fixedlarge"
   with pytest.raises(errors.ConfigError, match=r"--config_name=nope: there is no .*nope\.py"):

@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,6 +10,7 @@ import pytest
 
 from ddpm_jax import parallel
 from ddpm_jax.training import loop
+from helpers import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,13 +111,6 @@ def test_prefetch_to_device_four_cpu_devices_subprocess():
   ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  result = subprocess.run(
-      [sys.executable, "-c", script],
-      env=env,
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=120,
-  )
+  result = run_python(script, env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout

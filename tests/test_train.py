@@ -85,25 +85,37 @@ def assert_trees_close(a, b, rtol, atol):
 
 @pytest.mark.slow
 def test_trajectory_does_not_depend_on_device_count_or_micro_batches():
+  """4 micro-batches per device follow the 2-device trajectory; a class-conditional run with
+  label dropout and importance-sampled t follows the same trajectory on 2 and 8 devices (to
+  float rounding), with the same t history bit for bit."""
   config = test_config.get_config()
   assert len(jax.local_devices()) >= 8
-  one, m1 = reference_run()  # 2 devices; its first 3 steps
-  one, m1 = one[:4], m1[:3]
-  eight, m8 = run_steps(config, jax.local_devices()[:8], 3)
+  one, _ = reference_run()  # 2 devices; its first 3 steps
+  one = one[:4]
   config.training.grad_accum_steps = 4  # 4 per device: micro-batches of 1
   accum, _ = run_steps(config, jax.local_devices()[:2], 3)
   # Summation order differs, so float32 rounding does; Adam's m/sqrt(v) turns that into
   # update differences for near-zero gradients. 1e-5 is 1% of one step (lr 1e-3).
-  for ref, other in ((one, eight), (one, accum)):
-    assert_trees_close(ref[-1].params, other[-1].params, rtol=1e-4, atol=1e-5)
-    assert_trees_close(ref[-1].ema_params, other[-1].ema_params, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-5)
+  assert_trees_close(one[-1].params, accum[-1].params, rtol=1e-4, atol=1e-5)
+  assert_trees_close(one[-1].ema_params, accum[-1].ema_params, rtol=1e-4, atol=1e-5)
   # The runs did move: the comparison is not between untouched parameters.
   moved = max(
       float(np.abs(np.asarray(a) - np.asarray(b)).max())
       for a, b in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(one[-1].params))
   )
   assert moved > 1e-4
+
+  config = test_config.get_config()
+  config.model.num_classes, config.training.t_sampler = 10, "loss_aware"
+  two, m2 = run_steps(config, jax.local_devices()[:2], 3)
+  eight, m8 = run_steps(config, jax.local_devices()[:8], 3)
+  assert_trees_close(two[-1].params, eight[-1].params, rtol=1e-4, atol=1e-5)
+  assert_trees_close(two[-1].ema_params, eight[-1].ema_params, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose([m["loss"] for m in m2], [m["loss"] for m in m8], rtol=1e-5)
+  # Every device added the same 3 x 8 (t, loss) pairs in the global batch's order.
+  assert int(np.sum(two[-1].t_history["count"])) == 24
+  np.testing.assert_array_equal(two[-1].t_history["count"], eight[-1].t_history["count"])
+  np.testing.assert_allclose(two[-1].t_history["losses"], eight[-1].t_history["losses"], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -270,70 +282,12 @@ def assert_states_equal(a, b):
 
 
 @pytest.mark.slow
-def test_resume_in_a_new_process_continues_identically_and_sample_mode(tmp_path):
-  two_dev = {"XLA_FLAGS": _xla_flags(2)}
-  full, part = str(tmp_path / "full"), str(tmp_path / "part")
-  r = run_main(f"--workdir={full}", "--config.training.num_train_steps=4", env=two_dev)
-  assert r.returncode == 0, r.stderr[-3000:]
-  r = run_main(f"--workdir={part}", "--config.training.num_train_steps=2", env=two_dev)
-  assert r.returncode == 0, r.stderr[-3000:]
-  r = run_main(f"--workdir={part}", "--config.training.num_train_steps=4", env=two_dev)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "Resumed from the checkpoint at step 2" in r.stderr
-  a, b = _final_state(full), _final_state(part)
-  assert int(a.step) == int(b.step) == 4
-  assert_states_equal(a, b)
-  # The console shows progress and TensorBoard events are written.
-  assert re.search(
-      r"step 4/4 .* [\d.]+ steps/s  [\d.]+ images/s  ETA 00:00:00\n", r.stderr
-  ), r.stderr[-3000:]
-  assert glob.glob(os.path.join(part, "events.out.tfevents.*"))
-
-  # --mode=sample writes the documented files from the EMA parameters.
-  r = run_main(
-      f"--workdir={full}",
-      "--mode=sample",
-      "--config.sampling.num_samples=6",
-      "--config.sampling.batch_size=4",
-      env=two_dev,
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
-  npz = glob.glob(os.path.join(full, "samples", "samples_step4_*.npz"))
-  png = glob.glob(os.path.join(full, "samples", "grid_step4_*.png"))
-  assert len(npz) == 1 and len(png) == 1
-  # The count and the batch, which change the images, are in the name.
-  assert os.path.basename(npz[0]) == "samples_step4_ancestral100_seed1_n6_bs4.npz"
-  assert re.search(
-      r"sampled 4/6 images, [\d.]+ images/s, ETA \d\d:\d\d:\d\d\n", r.stderr
-  ), r.stderr[-3000:]
-  assert "Given directory is read only" not in r.stderr  # orbax's notice is not shown
-  images = np.load(npz[0])["images"]
-  assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
-  assert images.std() > 0
-
-
-@pytest.mark.slow
-def test_labels_and_loss_aware_t_do_not_depend_on_the_device_count():
-  """A class-conditional run with label dropout and importance-sampled t: the same trajectory
-  on 2 and 8 devices (to float rounding), and the same t history bit for bit."""
-  config = test_config.get_config()
-  config.model.num_classes, config.training.t_sampler = 10, "loss_aware"
-  two, m2 = run_steps(config, jax.local_devices()[:2], 3)
-  eight, m8 = run_steps(config, jax.local_devices()[:8], 3)
-  assert_trees_close(two[-1].params, eight[-1].params, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose([m["loss"] for m in m2], [m["loss"] for m in m8], rtol=1e-5)
-  # Every device added the same 3 x 8 (t, loss) pairs in the global batch's order.
-  assert int(np.sum(two[-1].t_history["count"])) == 24
-  np.testing.assert_array_equal(two[-1].t_history["count"], eight[-1].t_history["count"])
-  np.testing.assert_allclose(two[-1].t_history["losses"], eight[-1].t_history["losses"], rtol=1e-5)
-
-
-@pytest.mark.slow
-def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path):
+def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise_and_sample_mode(tmp_path):
   """2 + 2 steps in two processes equal 4 steps in one, bit for bit, with labels, label dropout,
   the t history (which the checkpoint carries) and the CPU kernels (the default on a CPU), in
   processes where nothing is measured. The checkpoint records the kernels: resuming without
-  them is warned about by name; resuming with another t_sampler is refused by name."""
+  them is warned about by name; resuming with another t_sampler is refused by name. Then
+  --mode=sample on the full run's workdir."""
   env = {"XLA_FLAGS": _xla_flags(2)}
   args = (
       "--config.model.num_classes=10",
@@ -348,6 +302,12 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
         f"--workdir={workdir}", f"--config.training.num_train_steps={steps}", *args, *extra, env=env
     )
     assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resumed from the checkpoint at step 2" in r.stderr
+  # The console shows progress and TensorBoard events are written.
+  assert re.search(
+      r"step 4/4 .* [\d.]+ steps/s  [\d.]+ images/s  ETA 00:00:00\n", r.stderr
+  ), r.stderr[-3000:]
+  assert glob.glob(os.path.join(part, "events.out.tfevents.*"))
   # One row per class, as in --mode=sample's grids: 10 rows of 2 tiles (8x8 enlarged to 32).
   with Image.open(os.path.join(full, "samples", "grid_step_4.png")) as im:
     assert im.size == (2 * 33 + 1, 10 * 33 + 1)
@@ -375,6 +335,29 @@ def test_resume_with_labels_loss_aware_t_and_the_cpu_kernels_is_bitwise(tmp_path
   assert r.returncode == 0, r.stderr[-3000:]
   assert "trained with the CPU kernels on, this run has them off" in r.stderr
   assert "workdir is at step 4 >= num_train_steps 4: nothing to train" in r.stderr
+
+  # --mode=sample writes the documented files from the EMA parameters.
+  r = run_main(
+      f"--workdir={full}",
+      "--mode=sample",
+      "--config.sampling.num_samples=6",
+      "--config.sampling.batch_size=4",
+      *args,
+      env=env,
+  )
+  assert r.returncode == 0, r.stderr[-3000:]
+  npz = glob.glob(os.path.join(full, "samples", "samples_step4_*.npz"))
+  png = glob.glob(os.path.join(full, "samples", "grid_step4_*.png"))
+  assert len(npz) == 1 and len(png) == 1
+  # The count and the batch, which change the images, are in the name.
+  assert os.path.basename(npz[0]) == "samples_step4_ancestral100_seed1_n6_bs4.npz"
+  assert re.search(
+      r"sampled 4/6 images, [\d.]+ images/s, ETA \d\d:\d\d:\d\d\n", r.stderr
+  ), r.stderr[-3000:]
+  assert "Given directory is read only" not in r.stderr  # orbax's notice is not shown
+  images = np.load(npz[0])["images"]
+  assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
+  assert images.std() > 0
 
 
 def test_a_checkpoint_of_the_plain_model_resumes_with_the_kernels_and_a_warning(caplog):
