@@ -31,6 +31,7 @@ flags.DEFINE_string("topology", "v3-8", "TPU slice whose first device is compile
 flags.DEFINE_integer("batch", 16, "Images per device.")
 flags.DEFINE_string("components", "", "Comma-separated subset of the components (default: all).")
 flags.DEFINE_string("dtypes", "float32,bfloat16", "Computation dtypes to compare.")
+flags.DEFINE_string("hlo_dir", "", "If set, each optimised HLO is written there (for hlo.py).")
 FLAGS = flags.FLAGS
 
 
@@ -103,9 +104,9 @@ def compile_component(make, shapes, dtype_name: str, device) -> dict:
   cost = compiled.cost_analysis() or {}
   keep = ("convolution", "dot", "convert", "fusion", "reduce", "copy", "transpose")
   text = compiled.as_text()
-  if os.environ.get("TPU_COMPONENTS_HLO_DIR"):
+  if FLAGS.hlo_dir:
     name = f"{type(module).__name__}_{dtype_name}.hlo"
-    with open(os.path.join(os.environ["TPU_COMPONENTS_HLO_DIR"], name), "w") as f:
+    with open(os.path.join(FLAGS.hlo_dir, name), "w") as f:
       f.write(text)
   ops = {k: v["count"] for k, v in hlo_breakdown(text).items() if k in keep}
   return dict(
