@@ -5,6 +5,7 @@ Layers, top to bottom; a module imports only from the lines above its own
   errors                                   the user-error kinds (one line each)
   files, progress                          atomic writes; rates and ETAs
   images                                   uint8 <-> [-1, 1], grids, PNGs
+  summaries                                TensorBoard event files, written without TensorFlow
   config_schema, config_loading            every config field; reading a config file
   parallel, tpu                            devices, processes, pmap; TPU slices to compile for
   diffusion, cpu                           the process and its samplers; XLA:CPU kernels (pure JAX)

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from ddpm_jax import builders, checkpoints, errors, files, host, images, parallel, progress
-from ddpm_jax import sample, workdirs
+from ddpm_jax import sample, summaries, workdirs
 from ddpm_jax.data import pipeline
 from ddpm_jax.training import state as state_lib
 from ddpm_jax.training import step as step_lib
@@ -110,8 +110,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Returns the final state (host arrays).
   """
-  from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
-
   tcfg = config.training
   data = pipeline.load_train_data(config.data, config.model.num_classes)  # before the model
   model = builders.build_model(config)
@@ -157,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   )
 
   is_chief = jax.process_index() == 0
-  writer = tensorboard.SummaryWriter(workdir) if is_chief else None
+  writer = summaries.SummaryWriter(workdir) if is_chief else None
   p_state = parallel.replicate(state)
   del state
   p_step = step_lib.make_p_train_step(model, diffusion, tx, config)
@@ -280,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           if labels is not None:  # one row per class, as --mode=sample's grids
             imgs, ncol = sample.class_rows(imgs, labels)
           images.save_grid(path, imgs, ncol)
-          writer.image("samples/ema", images.display_grid(imgs, ncol)[None], step)
+          writer.image("samples/ema", images.display_grid(imgs, ncol), step)
         steps.restart(step)  # sampling time is not training time
       if stop.should_stop(agree=logged):
         if stop.signum is not None:
@@ -307,4 +305,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   finally:
     stop.restore()
     if writer is not None:
-      writer.flush()
+      writer.close()
