@@ -20,13 +20,13 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   jax.config.update("jax_num_cpu_devices", 8)
 # The tests' XLA:CPU programs are built at LLVM's optimisation level 1 instead of
-# XLA's default: the suite is compile-bound and level 1 compiles its programs about
-# a quarter faster, with the same steps per second for the test models (level 0
-# compiled faster still but ran their steps ~10x slower; docs/testing.md). The programs compute the same functions; the last bits of
-# some float32 results differ, which the tests allow for: they compare against
-# independent references with tolerances, or two runs of one program bit for
-# bit. Set in XLA_FLAGS (before JAX creates its backend) so that every main.py a
-# test starts inherits it; an explicit level in XLA_FLAGS is kept.
+# XLA's default: the suite is compile-bound, and level 1 compiles about a quarter
+# faster with the same step times for the test models (docs/testing.md). The
+# programs compute the same functions; the last bits of some float32 results
+# differ, which the tests allow for: they compare against independent references
+# with tolerances, or two runs of one program bit for bit. Set in XLA_FLAGS
+# (before JAX creates its backend) so that every main.py a test starts inherits
+# it; an explicit level in XLA_FLAGS is kept.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1"
@@ -37,9 +37,9 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # by the program, the compiler flags and the jax version. Every compile is
 # stored, not only those of over a second (jax's default): a main.py of the test
 # config then starts in 22 s instead of 30 s once another test has run it.
-# Unless JAX_COMPILATION_CACHE_DIR
-# names a directory to keep, the cache (about 0.6 GB for the suite) is a fresh
-# temporary directory, deleted when the session ends.
+# Unless JAX_COMPILATION_CACHE_DIR names a directory to keep, the cache (about
+# 0.6 GB for the suite) is a fresh temporary directory, deleted when the session
+# ends.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddpm_jax_test_xla_cache_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
