@@ -32,12 +32,9 @@ flags.DEFINE_string("workdir", "/tmp/ddpm_jax_tpu_table", "Where the compile_*.j
 FLAGS = flags.FLAGS
 
 
-def _images_per_second(x: float) -> str:
-  """Whole images/s, or two significant digits below 10 (a 256x256 sampler makes ~1 a second)."""
-  return f"{x:.2g}" if x < 10 else f"{x:.0f}"
-
-
 def markdown_row(config_name: str, topology: str, dtype: str, row: dict, steps: int) -> str:
+  from ddpm_jax import compile_check  # pylint: disable=g-import-not-at-top
+
   gib = lambda x: f"{x / 2**30:.2f}"
   est = row.get("estimated_seconds_per_call")
   if row.get("total_bytes") is None:
@@ -56,7 +53,7 @@ def markdown_row(config_name: str, topology: str, dtype: str, row: dict, steps: 
       f"{row['estimated_steps_per_second']:.1f}"
       if est and "estimated_steps_per_second" in row
       else "",
-      _images_per_second(row["estimated_images_per_second"]) if est else "",
+      compile_check.format_rate(row["estimated_images_per_second"]) if est else "",
       f"{100 * row['estimated_fraction_of_peak']:.0f}%" if est else "",
       (
           f"{steps / row['estimated_steps_per_second'] / 3600:.1f} h"

@@ -401,11 +401,16 @@ def report_program(config, devices, topology, program: Program, search: bool = T
   return row
 
 
+def format_rate(x: float) -> str:
+  """A rate for the log and docs tables: whole units, or two significant digits below 10."""
+  return f"{x:.2g}" if x < 10 else f"{x:.0f}"
+
+
 def _fmt_row(r: dict) -> str:
   est = r.get("estimated_seconds_per_call")
   rate = ""
   if est:
-    rate = f"{r['estimated_images_per_second']:.0f} img/s"
+    rate = f"{format_rate(r['estimated_images_per_second'])} img/s"
     if "estimated_steps_per_second" in r:
       rate = f"{r['estimated_steps_per_second']:.2f} steps/s, " + rate
     rate += f", {100 * r['estimated_fraction_of_peak']:.0f}% of peak"
